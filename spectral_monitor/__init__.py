@@ -1,0 +1,61 @@
+"""spectral_monitor: watch the singular spectrum of a model's weight updates while it trains.
+
+Public API only; importing this package imports no training framework or logger
+(transformers, lightning, wandb, tensorboard are imported by the adapters and sinks that need them).
+"""
+
+from spectral_monitor.alerts import (
+    AlphaOutOfBand,
+    EffectiveRankDrop,
+    IntruderDimensions,
+    MetricThreshold,
+    NonFiniteWeights,
+    Rank1Collapse,
+    Rule,
+    UpdateNormBlowup,
+    default_rules,
+)
+from spectral_monitor.config import MonitorConfig
+from spectral_monitor.engine import SpectralMonitor
+from spectral_monitor.errors import (
+    BaseMismatchError,
+    ConfigError,
+    MissingDependencyError,
+    NonFiniteError,
+    SpectralMonitorError,
+)
+from spectral_monitor.records import Alert, StepReport
+from spectral_monitor.run import Decision, MonitorRun
+from spectral_monitor.sinks import ConsoleSink, JsonlSink, MemorySink, TensorBoardSink, WandbSink, read_jsonl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Alert",
+    "AlphaOutOfBand",
+    "BaseMismatchError",
+    "ConfigError",
+    "ConsoleSink",
+    "Decision",
+    "EffectiveRankDrop",
+    "IntruderDimensions",
+    "JsonlSink",
+    "MemorySink",
+    "MetricThreshold",
+    "MissingDependencyError",
+    "MonitorConfig",
+    "MonitorRun",
+    "NonFiniteError",
+    "NonFiniteWeights",
+    "Rank1Collapse",
+    "Rule",
+    "SpectralMonitor",
+    "SpectralMonitorError",
+    "StepReport",
+    "TensorBoardSink",
+    "UpdateNormBlowup",
+    "WandbSink",
+    "__version__",
+    "default_rules",
+    "read_jsonl",
+]

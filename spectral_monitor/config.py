@@ -1,0 +1,113 @@
+"""Configuration: frozen, keyword-only, validated in ``__post_init__``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from spectral_monitor.errors import ConfigError
+
+__all__ = ["BASE_STORES", "MonitorConfig"]
+
+BASE_STORES = ("auto", "device", "cpu", "disk", "reference", "lora")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MonitorConfig:
+    """What to monitor, how often, and how precisely.
+
+    Layer selection
+        ``layers``: ``"all-linear"`` (every 2-D linear weight of the blocks: ``nn.Linear``,
+        HF ``Conv1D``, LoRA-wrapped linears; not embeddings, ``lm_head``, norms), a list of
+        module names, or a regex string prefixed with ``"re:"``. ``exclude``: extra regexes.
+    Schedule
+        Measure every ``every_n_steps`` optimizer steps, plus the first step (``measure_first``)
+        and the last (the adapter passes ``final=True``). ``schedule(step) -> bool`` overrides it.
+    Decomposition
+        ``rank`` k of the randomized SVD of ΔW (oversampled by ``oversample``, ``niter`` power
+        iterations, warm-started from the previous measurement). With ``adaptive_rank`` a layer
+        whose power-law tail is not covered by the top-k gets k doubled next time, up to
+        ``max_rank``. Every ``full_every``-th measurement takes the full spectrum (exact
+        effective rank and α; 0 = never).
+    Base
+        ``base_store``: where W_0 lives (``auto``: reference model or LoRA factors when present,
+        else ``device``); ``base_dir`` for ``disk``. ``memory_budget_mb`` bounds the float32
+        working set of one batch of same-shape layers.
+    Safety
+        ``strict=True`` raises errors from inside the monitor instead of logging them once
+        and skipping the measurement.
+    """
+
+    layers: str | Sequence[str] = "all-linear"
+    exclude: Sequence[str] = ()
+    every_n_steps: int = 25
+    measure_first: bool = True
+    schedule: Callable[[int], bool] | None = field(default=None, compare=False)
+
+    rank: int = 32
+    oversample: int = 10
+    niter: int = 2
+    adaptive_rank: bool = True
+    max_rank: int = 256
+    full_every: int = 0
+    align_k: int = 8
+    base_k: int = 32
+    intruders: bool = True
+    intruder_threshold: float = 0.5
+    sparsity_eta: float = 1e-3
+
+    alpha_min_tail: int = 10
+    alpha_max_ks: float = 0.1
+
+    base_store: str = "auto"
+    base_dir: str | None = None
+    device: str | None = None
+    memory_budget_mb: int = 1024
+    seed: int = 0
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        _positive = ("every_n_steps", "rank", "max_rank", "align_k", "base_k", "alpha_min_tail", "memory_budget_mb")
+        for name in _positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"MonitorConfig.{name} must be a positive int, got {value!r}")
+        for name in ("oversample", "niter", "full_every", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"MonitorConfig.{name} must be an int >= 0, got {value!r}")
+        if self.max_rank < self.rank:
+            raise ConfigError(f"MonitorConfig.max_rank ({self.max_rank}) must be >= rank ({self.rank})")
+        if self.base_store not in BASE_STORES:
+            raise ConfigError(f"MonitorConfig.base_store must be one of {BASE_STORES}, got {self.base_store!r}")
+        if self.base_store == "disk" and not self.base_dir:
+            raise ConfigError("MonitorConfig.base_store='disk' needs base_dir=<folder for the snapshot>")
+        if not 0.0 < self.intruder_threshold < 1.0:
+            raise ConfigError(f"MonitorConfig.intruder_threshold must be in (0, 1), got {self.intruder_threshold!r}")
+        if not 0.0 < self.alpha_max_ks <= 1.0:
+            raise ConfigError(f"MonitorConfig.alpha_max_ks must be in (0, 1], got {self.alpha_max_ks!r}")
+        if isinstance(self.layers, str):
+            if self.layers != "all-linear" and not self.layers.startswith("re:"):
+                raise ConfigError(
+                    f"MonitorConfig.layers must be 'all-linear', 're:<regex>' or a list of names, got {self.layers!r}"
+                )
+        else:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.schedule is not None and not callable(self.schedule):
+            raise ConfigError(f"MonitorConfig.schedule must be callable(step) -> bool, got {self.schedule!r}")
+
+    def is_scheduled(self, step: int) -> bool:
+        """True when optimizer step ``step`` (1-based) is a measurement step."""
+        if self.schedule is not None:
+            return bool(self.schedule(step))
+        return step % self.every_n_steps == 0 or (self.measure_first and step == 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-friendly data (the schedule callable is shown by name)."""
+        data = asdict(self)
+        data["layers"] = data["layers"] if isinstance(data["layers"], str) else list(data["layers"])
+        data["exclude"] = list(data["exclude"])
+        data["schedule"] = getattr(self.schedule, "__name__", repr(self.schedule)) if self.schedule else None
+        return data

@@ -1,0 +1,453 @@
+"""The monitor engine: ``SpectralMonitor(model).measure(step) -> StepReport``.
+
+One measurement walks the monitored layers in groups of the same shape, forms ΔW = W_t − W_0
+in float32 for as many layers as the memory budget allows (a layer larger than the budget is
+decomposed without forming ΔW), runs one batched randomized SVD per group (warm-started from
+the previous measurement's right subspace, seeded by its own generator so the training RNG
+is never touched), and turns the result into the per-layer metrics of DESIGN.md §2 plus
+model-level aggregates. Errors inside a layer group are caught, logged once and reported as
+skipped layers unless ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from spectral_monitor.config import MonitorConfig
+from spectral_monitor.errors import BaseMismatchError, NonFiniteError
+from spectral_monitor.functional import (
+    abs_cosine,
+    base_alignment,
+    effective_rank,
+    energy_share,
+    fit_power_law,
+    frobenius_sq,
+    full_singular_values,
+    intruder_count,
+    lora_svd,
+    randomized_svd,
+    sparsity,
+    spectral_gap,
+    stable_rank,
+    subspace_overlap,
+)
+from spectral_monitor.layers import LayerSpec, select_layers
+from spectral_monitor.records import StepReport, layer_key, model_key
+from spectral_monitor.snapshot import BaseStore, DiskStore, make_store
+
+__all__ = ["SpectralMonitor"]
+
+log = logging.getLogger("spectral_monitor")
+
+#: per-layer metrics that get model-level aggregates (mean/median/min/max)
+AGGREGATED = (
+    "rho1",
+    "topk_energy",
+    "stable_rank",
+    "erank",
+    "gap",
+    "alpha",
+    "update_norm",
+    "update_rel",
+    "align_prev",
+    "overlap_prev",
+    "align_base",
+    "intruders",
+    "sparsity",
+)
+#: metrics also aggregated per layer type (q/k/v/o/up/down/gate)
+BY_TYPE = ("rho1", "alpha", "erank", "update_rel")
+INTRUDER_TOP = 10
+
+
+@dataclass
+class _LayerState:
+    """What the engine remembers about one layer between measurements (tensors on CPU or device)."""
+
+    rank: int
+    prev_u: Tensor | None = None  # (m, align_k) top left singular vectors of the last ΔW
+    prev_v: Tensor | None = None  # (n, rank) right subspace, the next sketch's warm start
+    base_u: Tensor | None = None  # (m, base_k) top left singular vectors of W_0
+    base_fro: float | None = None  # ‖W_0‖_F
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
+
+
+class SpectralMonitor:
+    """Measures the spectrum of every monitored layer's update ΔW = W_t − W_0.
+
+    ``model``: any ``nn.Module``; ``config``: a :class:`MonitorConfig` (or pass its fields as
+    keyword arguments); ``reference``: a module holding the base weights (e.g. TRL's
+    ``ref_model``), used with ``base_store`` ``"auto"``/``"reference"`` instead of a copy.
+    Call :meth:`snapshot` when training starts (or :meth:`set_base`), then :meth:`measure`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: MonitorConfig | None = None,
+        *,
+        reference: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if config is None:
+            config = MonitorConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either config=MonitorConfig(...) or keyword arguments, not both")
+        self.model = model
+        self.config = config
+        self.reference = reference
+        self.specs: list[LayerSpec] = select_layers(model, config.layers, config.exclude)
+        if not self.specs:
+            log.warning("spectral_monitor: no layers selected (layers=%r); nothing will be measured", config.layers)
+        self.store: BaseStore | None = None
+        self._has_base = all(s.kind == "lora" for s in self.specs)
+        self._layers: dict[str, _LayerState] = {}
+        self._warned: set[str] = set()
+        self.measurements = 0
+        self.last_step: int | None = None
+
+    # ------------------------------------------------------------------ base
+    @property
+    def has_base(self) -> bool:
+        """True once a base is set (always True when every layer is LoRA)."""
+        return self._has_base
+
+    def snapshot(self) -> BaseStore | None:
+        """Take the base W_0 now, into the store the config asks for. Returns the store."""
+        self.set_base(
+            make_store(self.config.base_store, self.specs, base_dir=self.config.base_dir, reference=self.reference)
+        )
+        return self.store
+
+    def set_base(self, store: BaseStore | None) -> None:
+        """Use ``store`` as the base (e.g. a :class:`DiskStore` reopened on resume); checks it matches."""
+        if isinstance(store, DiskStore):
+            store.check(self.specs)
+        if store is None and any(s.kind != "lora" for s in self.specs):
+            raise BaseMismatchError("a base store is needed: some monitored layers are not LoRA layers")
+        self.store = store
+        self._has_base = True
+        for state in self._layers.values():  # W_0 changed: cached base facts are stale
+            state.base_u, state.base_fro = None, None
+
+    # --------------------------------------------------------------- measure
+    def measure(self, step: int) -> StepReport:
+        """Measure every monitored layer now and return a :class:`StepReport` for ``step``."""
+        if not self._has_base:
+            raise RuntimeError("SpectralMonitor.measure() before snapshot(): call monitor.snapshot() at train start")
+        t0 = time.perf_counter()
+        report = StepReport(step=step)
+        full = self.config.full_every > 0 and (self.measurements + 1) % self.config.full_every == 0
+        values: dict[str, dict[str, float]] = {}
+        with torch.no_grad():
+            for chunk in self._chunks():
+                try:
+                    if chunk[0].kind == "lora":
+                        for spec in chunk:
+                            values.update(self._measure_lora(spec, report))
+                    else:
+                        values.update(self._measure_dense(chunk, step, full, report))
+                except Exception as exc:  # never hurt the training run
+                    if self.config.strict:
+                        raise
+                    reason = f"{type(exc).__name__}: {exc}"
+                    self._warn_once(
+                        reason, f"spectral_monitor: skipped {[s.name for s in chunk]} at step {step}: {reason}"
+                    )
+                    for spec in chunk:
+                        report.skipped.setdefault(spec.name, reason)
+        for layer, metrics in values.items():
+            for metric, value in metrics.items():
+                report.metrics[layer_key(metric, layer)] = value
+        self._aggregate(report, values)
+        self.measurements += 1
+        self.last_step = step
+        report.elapsed_s = time.perf_counter() - t0
+        report.metrics[model_key("measure_s")] = report.elapsed_s
+        return report
+
+    def _state(self, spec: LayerSpec) -> _LayerState:
+        if spec.name not in self._layers:
+            self._layers[spec.name] = _LayerState(rank=self.config.rank)
+        return self._layers[spec.name]
+
+    def _chunks(self) -> list[list[LayerSpec]]:
+        """Groups of same-shape dense layers within the memory budget; LoRA layers one group."""
+        groups: dict[tuple, list[LayerSpec]] = defaultdict(list)
+        for spec in self.specs:
+            if spec.kind == "lora":
+                groups[("lora",)].append(spec)
+            else:
+                p = spec.parameter()
+                groups[(spec.shape, p.device, self._state(spec).rank)].append(spec)
+        budget = self.config.memory_budget_mb * 2**20
+        copies = 2 if self.config.intruders else 1
+        out = []
+        for key, specs in groups.items():
+            if key[0] == "lora":
+                out.append(specs)
+                continue
+            m, n = key[0]
+            per_layer = m * n * 4 * copies
+            size = max(1, budget // per_layer)
+            out.extend(specs[i : i + size] for i in range(0, len(specs), size))
+        return out
+
+    def _device(self, spec: LayerSpec) -> torch.device:
+        return torch.device(self.config.device) if self.config.device else spec.parameter().device
+
+    def _generator(self, device: torch.device, step: int) -> torch.Generator:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(self.config.seed * 1_000_003 + step)
+        return gen
+
+    def _measure_dense(
+        self, chunk: list[LayerSpec], step: int, full: bool, report: StepReport
+    ) -> dict[str, dict[str, float]]:
+        cfg = self.config
+        device = self._device(chunk[0])
+        m, n = chunk[0].shape
+        b = len(chunk)
+        states = [self._state(s) for s in chunk]
+        D = torch.empty(b, m, n, dtype=torch.float32, device=device)
+        Wt = torch.empty_like(D) if cfg.intruders else None
+        spars = torch.empty(b, device=device)
+        for i, spec in enumerate(chunk):
+            W = spec.canonical(spec.parameter().detach())
+            B0 = spec.canonical(self.store.get(spec, device))
+            if W.shape != B0.shape or tuple(W.shape) != spec.shape:
+                raise BaseMismatchError(
+                    f"layer {spec.name!r}: weight shape {tuple(W.shape)} vs base {tuple(B0.shape)} "
+                    f"(monitored as {spec.shape}); the layer changed shape or the base is from another model"
+                )
+            D[i].copy_(W)
+            if Wt is not None:
+                Wt[i].copy_(D[i])
+            D[i].sub_(B0)
+            spars[i] = sparsity(D[i], W.to(device), B0, eta=cfg.sparsity_eta)
+            if states[i].base_fro is None:
+                states[i].base_fro = float(B0.float().norm())
+        finite = torch.isfinite(D).flatten(1).all(dim=1)
+        if Wt is not None:
+            finite &= torch.isfinite(Wt).flatten(1).all(dim=1)
+        finite_list = finite.tolist()
+        if not all(finite_list):
+            bad = [s.name for s, ok in zip(chunk, finite_list) if not ok]
+            if cfg.strict:
+                raise NonFiniteError(f"non-finite values (NaN/Inf) in the weights or update of {bad} at step {step}")
+            D[~finite] = 0.0
+            if Wt is not None:
+                Wt[~finite] = 0.0
+            self._warn_once(
+                f"nonfinite:{bad}",
+                f"spectral_monitor: NaN/Inf in {bad} at step {step}; "
+                "these layers are reported as non-finite and not measured",
+            )
+        gen = self._generator(device, step)
+        rank = states[0].rank
+        if rank > min(m, n):
+            self._warn_once(
+                f"clamp:{m}x{n}", f"spectral_monitor: rank {rank} clamped to {min(m, n)} for {m}x{n} layers"
+            )
+        init = None
+        if all(s.prev_v is not None and s.prev_v.shape[-1] >= 1 for s in states):
+            k0 = min(s.prev_v.shape[-1] for s in states)
+            init = torch.stack([s.prev_v[:, :k0].to(device) for s in states])
+        U, S, V = randomized_svd(D, rank, niter=cfg.niter, oversample=cfg.oversample, init=init, generator=gen)
+        fro = frobenius_sq(D)
+        k = S.shape[-1]
+        top_sq = (S.double() ** 2).sum(-1).float()
+        if full:
+            spectrum = full_singular_values(D)
+            erank = effective_rank(spectrum)
+            fit = fit_power_law(spectrum**2, min_tail=cfg.alpha_min_tail, max_ks=cfg.alpha_max_ks)
+        else:
+            erank = effective_rank(S, residual_sq=(fro - top_sq).clamp_min(0), total=min(m, n))
+            fit = fit_power_law(S**2, min_tail=cfg.alpha_min_tail, max_ks=cfg.alpha_max_ks, total=min(m, n))
+        metric_t: dict[str, Tensor] = {
+            "sigma1": S[:, 0],
+            "rho1": energy_share(S, fro, 1),
+            "topk_energy": energy_share(S, fro),
+            "stable_rank": stable_rank(S, fro),
+            "erank": erank,
+            "gap": spectral_gap(S),
+            "alpha": fit.alpha,
+            "alpha_ks": fit.ks,
+            "alpha_xmin": fit.xmin,
+            "alpha_tail": fit.n_tail.float(),
+            "alpha_reliable": fit.reliable.float(),
+            "alpha_hat": fit.alpha * torch.log10(S[:, 0].clamp_min(1e-30) ** 2),
+            "update_norm": fro.sqrt(),
+            "sparsity": spars,
+        }
+        a = min(cfg.align_k, k)
+        if all(s.prev_u is not None for s in states):
+            prev_u = torch.stack([s.prev_u[:, :a].to(device) for s in states])
+            metric_t["align_prev"] = abs_cosine(U[:, :, 0], prev_u[:, :, 0])
+            metric_t["overlap_prev"] = subspace_overlap(U[:, :, :a], prev_u)
+        if any(s.base_u is None for s in states):
+            W0 = (
+                (Wt - D)
+                if Wt is not None
+                else torch.stack([c.canonical(self.store.get(c, device)).float() for c in chunk])
+            )
+            U0, _, _ = randomized_svd(W0, cfg.base_k, niter=cfg.niter, oversample=cfg.oversample, generator=gen)
+            del W0
+            for s, u0 in zip(states, U0):
+                s.base_u = u0
+        base_u = torch.stack([s.base_u for s in states]).to(device)
+        metric_t["align_base"] = base_alignment(base_u, U[:, :, 0])
+        if Wt is not None:
+            top = min(INTRUDER_TOP, m, n)
+            Ut, _, _ = randomized_svd(Wt, top, niter=cfg.niter, oversample=cfg.oversample, generator=gen)
+            metric_t["intruders"] = intruder_count(Ut, base_u, threshold=cfg.intruder_threshold, top=top).float()
+        out_cpu = {key: t.float().cpu() for key, t in metric_t.items()}
+        S_cpu = S.float().cpu()
+        values: dict[str, dict[str, float]] = {}
+        for i, (spec, st) in enumerate(zip(chunk, states)):
+            zero = out_cpu["update_norm"][i].item() == 0.0
+            st.prev_u = None if zero else U[i, :, :a].clone()
+            st.prev_v = None if zero else V[i].clone()
+            if not finite_list[i]:
+                values[spec.name] = {"nonfinite": 1.0}
+                report.skipped[spec.name] = "non-finite weights (NaN/Inf)"
+                st.prev_u = st.prev_v = None
+                continue
+            vals = {key: float(t[i]) for key, t in out_cpu.items()}
+            vals["update_rel"] = vals["update_norm"] / st.base_fro if st.base_fro else 0.0
+            vals["erank_exact"] = 1.0 if full else 0.0
+            vals["rank"] = float(k)
+            vals["nonfinite"] = 0.0
+            values[spec.name] = vals
+            report.spectra[spec.name] = S_cpu[i]
+            if cfg.adaptive_rank and not full and not bool(fit.covered[i]) and vals["update_norm"] > 0:
+                st.rank = min(2 * st.rank, cfg.max_rank, min(m, n))
+        return values
+
+    def _measure_lora(self, spec: LayerSpec, report: StepReport) -> dict[str, dict[str, float]]:
+        cfg = self.config
+        st = self._state(spec)
+        factors = spec.lora_factors()
+        if factors is None:
+            report.skipped[spec.name] = "no active LoRA adapter"
+            return {}
+        B, A = factors
+        if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+            if cfg.strict:
+                raise NonFiniteError(f"non-finite LoRA factors in {spec.name!r}")
+            report.skipped[spec.name] = "non-finite weights (NaN/Inf)"
+            return {spec.name: {"nonfinite": 1.0}}
+        U, S, _ = lora_svd(B, A, 1.0)
+        fro = (S.double() ** 2).sum().float()
+        W0 = spec.canonical(spec.parameter().detach()).float()
+        if st.base_fro is None or st.base_u is None:
+            st.base_fro = float(W0.norm())
+            st.base_u, _, _ = randomized_svd(
+                W0, cfg.base_k, niter=cfg.niter, oversample=cfg.oversample, generator=self._generator(W0.device, 0)
+            )
+        fit = fit_power_law(S**2, min_tail=cfg.alpha_min_tail, max_ks=cfg.alpha_max_ks)
+        vals = {
+            "sigma1": float(S[0]),
+            "rho1": float(energy_share(S, fro, 1)),
+            "topk_energy": 1.0 if fro > 0 else 0.0,
+            "stable_rank": float(stable_rank(S, fro)),
+            "erank": float(effective_rank(S)),
+            "erank_exact": 1.0,
+            "gap": float(spectral_gap(S)),
+            "alpha": float(fit.alpha),
+            "alpha_ks": float(fit.ks),
+            "alpha_xmin": float(fit.xmin),
+            "alpha_tail": float(fit.n_tail),
+            "alpha_reliable": float(fit.reliable),
+            "alpha_hat": float(fit.alpha * torch.log10(S[0].clamp_min(1e-30) ** 2)),
+            "update_norm": math.sqrt(float(fro)),
+            "rank": float(S.shape[0]),
+            "nonfinite": 0.0,
+        }
+        vals["update_rel"] = vals["update_norm"] / st.base_fro if st.base_fro else 0.0
+        a = min(cfg.align_k, S.shape[0])
+        if st.prev_u is not None and vals["update_norm"] > 0:
+            vals["align_prev"] = float(abs_cosine(U[:, 0], st.prev_u[:, 0].to(U.device)))
+            vals["overlap_prev"] = float(subspace_overlap(U[:, :a], st.prev_u[:, :a].to(U.device)))
+        vals["align_base"] = float(base_alignment(st.base_u, U[:, 0]))
+        if cfg.intruders:
+            Wt = W0 + B @ A
+            top = min(INTRUDER_TOP, *spec.shape)
+            Ut, _, _ = randomized_svd(
+                Wt, top, niter=cfg.niter, oversample=cfg.oversample, generator=self._generator(Wt.device, 1)
+            )
+            vals["intruders"] = float(intruder_count(Ut, st.base_u, threshold=cfg.intruder_threshold, top=top))
+        st.prev_u = U[:, :a].clone() if vals["update_norm"] > 0 else None
+        report.spectra[spec.name] = S.float().cpu()
+        return {spec.name: vals}
+
+    def _aggregate(self, report: StepReport, values: dict[str, dict[str, float]]) -> None:
+        types = {s.name: s.layer_type for s in self.specs}
+        measured = {k: v for k, v in values.items() if v.get("nonfinite", 0.0) == 0.0}
+        for metric in AGGREGATED:
+            xs = [
+                v[metric]
+                for name, v in measured.items()
+                if metric in v
+                and math.isfinite(v[metric])
+                and (metric != "alpha" or v.get("alpha_reliable", 0.0) == 1.0)
+            ]
+            if not xs:
+                continue
+            report.metrics[model_key(f"{metric}_mean")] = statistics.fmean(xs)
+            report.metrics[model_key(f"{metric}_median")] = statistics.median(xs)
+            report.metrics[model_key(f"{metric}_min")] = min(xs)
+            report.metrics[model_key(f"{metric}_max")] = max(xs)
+        for metric in BY_TYPE:
+            by_type: dict[str, list[float]] = defaultdict(list)
+            for name, v in measured.items():
+                if metric in v and math.isfinite(v[metric]) and (metric != "alpha" or v.get("alpha_reliable") == 1.0):
+                    by_type[types[name]].append(v[metric])
+            for typ, xs in by_type.items():
+                report.metrics[model_key(f"{metric}_mean/{typ}")] = statistics.fmean(xs)
+        total_sq = sum(v["update_norm"] ** 2 for v in measured.values() if "update_norm" in v)
+        report.metrics[model_key("update_norm_total")] = math.sqrt(total_sq)
+        if measured:
+            n_alpha = sum(1 for v in measured.values() if "alpha_reliable" in v)
+            report.metrics[model_key("alpha_reliable_frac")] = sum(
+                v.get("alpha_reliable", 0.0) for v in measured.values()
+            ) / max(1, n_alpha)
+        report.metrics[model_key("layers")] = float(len(measured))
+        report.metrics[model_key("skipped")] = float(len(report.skipped))
+        report.metrics[model_key("nonfinite")] = float(sum(v.get("nonfinite", 0.0) for v in values.values()))
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs except the base weights themselves (see ``base``)."""
+        return {
+            "version": 1,
+            "measurements": self.measurements,
+            "last_step": self.last_step,
+            "layers": {name: st.to_dict() for name, st in self._layers.items()},
+            "base": self.store.describe() if self.store is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output. Reopens a disk base when its file still exists."""
+        self.measurements = int(state["measurements"])
+        self.last_step = state["last_step"]
+        self._layers = {name: _LayerState(**st) for name, st in state["layers"].items()}
+        base = state.get("base") or {}
+        if base.get("kind") == "disk" and self.store is None:
+            self.set_base(DiskStore(base["path"]))

@@ -1,0 +1,170 @@
+"""Which layers are monitored, and how to read each one's weight and update.
+
+A :class:`LayerSpec` names one monitored 2-D weight and knows its *canonical* orientation
+``(out_features, in_features)``: HF ``Conv1D`` stores its weight transposed, so left singular
+vectors always live in the output space. LoRA layers (PEFT ``LoraLayer``) are one spec whose
+ΔW = Σ_a scale_a · B_a A_a is read from the adapter factors.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LayerSpec", "select_layers"]
+
+# Never monitored by "all-linear": embeddings, output heads, classifier heads.
+DEFAULT_EXCLUDE = (
+    r"(^|\.)(lm_head|embed_out|embed_tokens|wte|wpe|word_embeddings|position_embeddings|score|classifier"
+    r"|output_layer|pooler)(\.|$)",
+)
+
+_TYPE_PATTERNS = (
+    ("qkv", r"(c_attn|qkv_proj|query_key_value|Wqkv|qkv)$"),
+    ("q", r"(q_proj|query|q|wq)$"),
+    ("k", r"(k_proj|key|k|wk)$"),
+    ("v", r"(v_proj|value|v|wv)$"),
+    ("o", r"(o_proj|out_proj|attn\.c_proj|attention\.dense|attention\.output\.dense|wo|attn\.proj)$"),
+    ("gate", r"(gate_proj|w1|gate)$"),
+    ("up", r"(up_proj|c_fc|fc1|fc_in|dense_h_to_4h|w3|intermediate\.dense|up)$"),
+    ("down", r"(down_proj|mlp\.c_proj|fc2|fc_out|dense_4h_to_h|w2|output\.dense|down)$"),
+)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerSpec:
+    """One monitored matrix.
+
+    ``name``: module name; ``param_name``: full name of the dense weight parameter (for LoRA,
+    the frozen ``base_layer.weight``); ``shape``: canonical ``(out, in)``; ``kind``: ``dense``,
+    ``conv1d`` (stored transposed) or ``lora``; ``layer_type``: q/k/v/o/qkv/up/down/gate/other;
+    ``depth``: block index parsed from the name (None if there is none).
+    """
+
+    name: str
+    module: nn.Module
+    kind: str
+    param_name: str
+    shape: tuple[int, int]
+    layer_type: str
+    depth: int | None
+
+    @property
+    def transposed(self) -> bool:
+        """True when the stored weight is ``(in, out)`` (HF Conv1D, or a LoRA over one)."""
+        return self.kind == "conv1d" or (self.kind == "lora" and _is_conv1d(self.module.get_base_layer()))
+
+    def parameter(self) -> Tensor:
+        """The stored dense weight parameter (for LoRA: the frozen base weight)."""
+        mod = self.module.get_base_layer() if self.kind == "lora" else self.module
+        return mod.weight
+
+    def canonical(self, weight: Tensor) -> Tensor:
+        """A ``(out, in)`` view of a weight stored in this layer's parameter orientation."""
+        return weight.t() if self.transposed else weight
+
+    def lora_factors(self) -> tuple[Tensor, Tensor] | None:
+        """``(B, A)`` with ΔW = B @ A in canonical orientation, scales folded into B, float32.
+
+        Sums over active adapters by concatenation (exact). None when the layer has no active
+        adapter. Raises ``ValueError`` for merged adapters and DoRA (ΔW is not B·A there).
+        """
+        mod = self.module
+        if getattr(mod, "merged", False):
+            raise ValueError("LoRA adapter is merged into the base weight; ΔW cannot be read from B·A")
+        bs, as_ = [], []
+        for name in mod.active_adapters:
+            if name not in mod.lora_A:
+                continue
+            if getattr(mod, "use_dora", {}).get(name, False):
+                raise ValueError("DoRA adapter: its ΔW is not scale·B·A (unsupported)")
+            scale = float(mod.scaling[name])
+            bs.append(mod.lora_B[name].weight.detach().float() * scale)
+            as_.append(mod.lora_A[name].weight.detach().float())
+        if not bs:
+            return None
+        return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D, matched by name so transformers is never imported here.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _is_lora(module: nn.Module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "lora_B") and hasattr(module, "get_base_layer")
+
+
+def _layer_type(name: str) -> str:
+    for typ, pattern in _TYPE_PATTERNS:
+        if re.search(r"(^|\.)" + pattern, name):
+            return typ
+    return "other"
+
+
+def _depth(name: str) -> int | None:
+    match = re.search(r"\.(\d+)(\.|$)", name)
+    return int(match.group(1)) if match else None
+
+
+def _spec(name: str, module: nn.Module) -> LayerSpec | None:
+    if _is_lora(module):
+        base = module.get_base_layer()
+        if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
+            return None
+        w = base.weight
+        shape = (w.shape[1], w.shape[0]) if _is_conv1d(base) else (w.shape[0], w.shape[1])
+        return LayerSpec(
+            name, module, "lora", f"{name}.base_layer.weight", tuple(shape), _layer_type(name), _depth(name)
+        )
+    if isinstance(module, nn.Linear):
+        w = module.weight
+        return LayerSpec(
+            name, module, "dense", f"{name}.weight", (w.shape[0], w.shape[1]), _layer_type(name), _depth(name)
+        )
+    if _is_conv1d(module):
+        w = module.weight
+        return LayerSpec(
+            name, module, "conv1d", f"{name}.weight", (w.shape[1], w.shape[0]), _layer_type(name), _depth(name)
+        )
+    return None
+
+
+def select_layers(
+    model: nn.Module, layers: str | Sequence[str] = "all-linear", exclude: Sequence[str] = ()
+) -> list[LayerSpec]:
+    """Monitored layers of ``model`` in ``named_modules()`` order (the same on every rank).
+
+    ``layers``: ``"all-linear"``, ``"re:<regex>"`` matched against module names, or explicit
+    module names (a missing name raises ``KeyError`` listing close candidates). ``exclude``:
+    regexes removed after selection (``all-linear`` also applies the default exclusions).
+    """
+    specs: list[LayerSpec] = []
+    inside_lora: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside_lora):
+            continue  # base_layer / lora_A / lora_B of an adapter already taken as one spec
+        spec = _spec(name, module)
+        if spec is None:
+            continue
+        if spec.kind == "lora":
+            inside_lora.append(name)
+        specs.append(spec)
+
+    excludes = [re.compile(p) for p in exclude]
+    if layers == "all-linear":
+        excludes += [re.compile(p) for p in DEFAULT_EXCLUDE]
+    elif isinstance(layers, str):
+        pattern = re.compile(layers[3:])
+        specs = [s for s in specs if pattern.search(s.name)]
+    else:
+        by_name = {s.name: s for s in specs}
+        missing = [n for n in layers if n not in by_name]
+        if missing:
+            raise KeyError(f"layers {missing} are not linear layers of the model; known: {sorted(by_name)[:8]}...")
+        specs = [by_name[n] for n in layers]
+    return [s for s in specs if not any(p.search(s.name) for p in excludes)]

@@ -1,0 +1,179 @@
+"""The run object adapters talk to: engine + alert rules + sinks behind one call.
+
+``run.on_optimizer_step(step) -> Decision`` measures when the schedule says so, judges the
+report with the alert rules, writes it to every sink, and tells the adapter what to log and
+whether to stop. Nothing in here raises into the training loop unless ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from spectral_monitor.alerts import Rule, State, default_rules, evaluate
+from spectral_monitor.config import MonitorConfig
+from spectral_monitor.engine import SpectralMonitor
+from spectral_monitor.records import PREFIX, StepReport, alert_key
+from spectral_monitor.sinks.base import Sink
+
+__all__ = ["Decision", "MonitorRun"]
+
+log = logging.getLogger("spectral_monitor")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the adapter should do after an optimizer step.
+
+    ``report`` is None when nothing was measured. ``stop``: early stopping was requested by an
+    alert; ``reasons``: the fired alerts' messages.
+    """
+
+    report: StepReport | None = None
+    stop: bool = False
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def measured(self) -> bool:
+        return self.report is not None
+
+    def summary(self) -> dict[str, float]:
+        """Model-level aggregates and alert flags only (small enough for ``Trainer.log``)."""
+        if self.report is None:
+            return {}
+        return {
+            k: v
+            for k, v in self.report.metrics.items()
+            if k.startswith((f"{PREFIX}/model/", f"{PREFIX}/alert/", f"{PREFIX}/context/")) and math.isfinite(v)
+        }
+
+
+class MonitorRun:
+    """Composes :class:`SpectralMonitor`, alert rules and sinks.
+
+    ``sinks``: where reports go (written on the main process only, ``is_main``);
+    ``rules``: alert rules (default :func:`~spectral_monitor.alerts.default_rules`);
+    ``early_stop``: let fired rules request a stop. Other keyword arguments build the
+    :class:`MonitorConfig` when ``config`` is not given.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: MonitorConfig | None = None,
+        *,
+        sinks: Sequence[Sink] = (),
+        rules: Sequence[Rule] | None = None,
+        early_stop: bool = False,
+        reference: nn.Module | None = None,
+        is_main: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.monitor = SpectralMonitor(model, config, reference=reference, **kwargs)
+        self.config = self.monitor.config
+        self.sinks = list(sinks)
+        self.rules = list(default_rules() if rules is None else rules)
+        self.early_stop = early_stop
+        self.is_main = is_main
+        self.rule_states: dict[str, State] = {}
+        self.context: dict[str, float] = {}
+        self._started = False
+        self._broken: set[int] = set()
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self, *, snapshot: bool = True) -> None:
+        """Take the base (unless one is set or ``snapshot=False``) and start the sinks."""
+        if snapshot and not self.monitor.has_base:
+            self.monitor.snapshot()
+        if not self._started:
+            self._started = True
+            self._each_sink(
+                "start",
+                {
+                    **self.config.to_dict(),
+                    "early_stop": self.early_stop,
+                    "layers_monitored": [s.name for s in self.monitor.specs],
+                    "base": self.monitor.store.describe() if self.monitor.store else {"kind": "lora"},
+                },
+            )
+
+    def should_measure(self, step: int, *, final: bool = False) -> bool:
+        """True when ``step`` is on the schedule (or ``final``) and was not measured yet."""
+        if self.monitor.last_step is not None and step <= self.monitor.last_step:
+            return False
+        return final or self.config.is_scheduled(step)
+
+    def record_context(self, values: Mapping[str, Any]) -> None:
+        """Remember the trainer's latest scalars (reward, kl, loss, ...) to log beside the spectra."""
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.context[key] = float(value)
+
+    def on_optimizer_step(self, step: int, *, final: bool = False) -> Decision:
+        """Call after every optimizer step with the number of optimizer steps taken (1-based)."""
+        if not self.should_measure(step, final=final):
+            return Decision()
+        if not self._started:
+            self.start()
+        try:
+            report = self.monitor.measure(step)
+        except Exception as exc:
+            if self.config.strict:
+                raise
+            log.warning(
+                "spectral_monitor: measurement at step %d failed and was skipped: %s: %s", step, type(exc).__name__, exc
+            )
+            return Decision()
+        for key, value in self.context.items():
+            report.metrics[f"{PREFIX}/context/{key}"] = value
+        report.alerts, self.rule_states = evaluate(self.rules, self.rule_states, report, early_stop=self.early_stop)
+        patience = {r.name: r.patience for r in self.rules}
+        for alert in report.alerts:
+            report.metrics[alert_key(alert.rule)] = 1.0
+            # warn when a rule starts firing; while it keeps firing, the metric and sinks carry it
+            newly = self.rule_states[alert.rule]["count"] == patience[alert.rule]
+            log.log(logging.WARNING if newly else logging.DEBUG, alert.message)
+        self._each_sink("write", report)
+        stop = any(a.stop for a in report.alerts)
+        return Decision(report, stop, tuple(a.message for a in report.alerts if a.stop))
+
+    def finish(self) -> None:
+        """Flush and close every sink (idempotent)."""
+        if self._started:
+            self._each_sink("finish")
+            self._started = False
+
+    def _each_sink(self, method: str, *args: Any) -> None:
+        if not self.is_main:
+            return
+        for sink in self.sinks:
+            if id(sink) in self._broken:
+                continue
+            try:
+                getattr(sink, method)(*args)
+            except Exception as exc:
+                if self.config.strict:
+                    raise
+                self._broken.add(id(sink))
+                log.warning(
+                    "spectral_monitor: sink %s failed in %s() and is disabled for this run: %s: %s",
+                    type(sink).__name__,
+                    method,
+                    type(exc).__name__,
+                    exc,
+                )
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Engine state (may hold tensors), rule states and context."""
+        return {"monitor": self.monitor.state_dict(), "rules": self.rule_states, "context": dict(self.context)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.monitor.load_state_dict(state["monitor"])
+        self.rule_states = {k: dict(v) for k, v in state.get("rules", {}).items()}
+        self.context = dict(state.get("context", {}))
