@@ -87,25 +87,34 @@ class Rank1Collapse(Rule):
 
 @dataclass(frozen=True, kw_only=True)
 class AlphaOutOfBand(Rule):
-    """Reliable heavy-tail α outside [low, high] in at least ``min_frac`` of the reliably fitted layers."""
+    """Heavy-tail α *leaving* its band [low, high]: the share of reliably fitted layers whose α is
+    outside the band grew by at least ``min_increase`` since the first measurement with reliable fits.
+
+    Relative to that baseline because ΔW's α early in training is often already outside the band
+    HT-SR defines for weights (W); what signals a change is layers moving out.
+    """
 
     name: str = "alpha_out_of_band"
     low: float = 2.0
     high: float = 6.0
-    min_frac: float = 0.5
+    min_increase: float = 0.25
     patience: int = 2
 
     def condition(self, report: StepReport, ref: float | None) -> Condition:
         reliable = report.layer_values("alpha_reliable")
         alphas = {k: v for k, v in report.layer_values("alpha").items() if reliable.get(k) == 1.0}
+        if not alphas:
+            return Condition(False, ref=ref)
         frac, hits = _frac(alphas, lambda v: not self.low <= v <= self.high)
-        hit = bool(hits) and frac >= self.min_frac
+        if ref is None:
+            return Condition(False, ref=frac)
         return Condition(
-            hit,
-            f"alpha outside [{self.low}, {self.high}] in {frac:.0%} of reliably fitted layers",
-            f"heavy-tail exponent alpha left its healthy band [{self.low}, {self.high}] in {len(hits)} layers "
+            frac - ref >= self.min_increase,
+            f"alpha outside [{self.low}, {self.high}] in {frac:.0%} of reliably fitted layers (was {ref:.0%})",
+            f"heavy-tail exponent alpha left its band [{self.low}, {self.high}] in {len(hits)} layers "
             "(alpha < 2: very heavy tail / over-fit; alpha > 6: random-like update)",
             hits,
+            ref=ref,
         )
 
 

@@ -30,10 +30,9 @@ def summarize(report: StepReport) -> str:
     ]
     if report.skipped:
         parts.append(f"{len(report.skipped)} skipped")
-    line = " | ".join(parts)
-    for alert in report.alerts:
-        line += f"\n  ALERT {alert.message}"
-    return line
+    if report.alerts:
+        parts.append("ALERTS: " + ", ".join(a.rule for a in report.alerts))
+    return " | ".join(parts)
 
 
 class ConsoleSink:

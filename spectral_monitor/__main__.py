@@ -1,0 +1,3 @@
+from spectral_monitor.cli import main
+
+raise SystemExit(main())
