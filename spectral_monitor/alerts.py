@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from spectral_monitor.errors import ConfigError
 from spectral_monitor.records import Alert, StepReport, model_key
 
 __all__ = [
@@ -163,23 +164,28 @@ class EffectiveRankDrop(Rule):
 
 @dataclass(frozen=True, kw_only=True)
 class UpdateNormBlowup(Rule):
-    """‖ΔW‖/‖W_0‖ above ``max_rel`` in any layer, or the total ‖ΔW‖ grew ``growth``× since the last measurement."""
+    """‖ΔW‖/‖W_0‖ above ``max_rel`` in any layer, or (when ``growth`` is set) the total ‖ΔW‖ grew
+    ``growth``× since the last measurement.
+
+    ``growth`` is off by default: ‖ΔW‖ starts at 0, so early measurements grow by large factors in
+    every healthy run (≈15× from step 1 to 25 under AdamW, more under LR warm-up).
+    """
 
     name: str = "update_norm_blowup"
     max_rel: float = 0.5
-    growth: float = 10.0
+    growth: float | None = None
 
     def condition(self, report: StepReport, ref: float | None) -> Condition:
         rel = report.layer_values("update_rel")
         _, hits = _frac(rel, lambda v: v > self.max_rel)
         total = report.metrics.get(model_key("update_norm_total"), 0.0)
-        grew = ref is not None and ref > 0 and total > self.growth * ref
+        grew = self.growth is not None and ref is not None and ref > 0 and total > self.growth * ref
         worst = max(rel.values(), default=0.0)
         return Condition(
             bool(hits) or grew,
             f"update_rel max={worst:.3g} > {self.max_rel}"
             if hits
-            else f"update norm grew {total / ref:.3g}x"
+            else f"update norm grew {total / ref:.3g}x > {self.growth}x"
             if grew
             else "",
             f"the weight update blew up (largest relative update {worst:.3g}); "
@@ -216,6 +222,12 @@ class MetricThreshold(Rule):
     above: float | None = None
     below: float | None = None
     message: str = ""
+
+    def __post_init__(self) -> None:
+        if self.above is None and self.below is None:
+            raise ConfigError(f"MetricThreshold(key={self.key!r}) needs above= or below=, got neither")
+        if not self.name:  # rule states and alert keys are per name: derive a distinct one from the key
+            object.__setattr__(self, "name", self.key.removeprefix("spectral/").replace("/", "_"))
 
     def condition(self, report: StepReport, ref: float | None) -> Condition:
         value = report.metrics.get(self.key)

@@ -326,6 +326,8 @@ class SpectralMonitor:
                 continue
             vals = {key: float(t[i]) for key, t in out_cpu.items()}
             vals["update_rel"] = vals["update_norm"] / st.base_fro if st.base_fro else 0.0
+            if vals["update_norm"] == 0.0:
+                vals.pop("align_base", None)  # the top direction of a zero update is arbitrary
             vals["erank_exact"] = 1.0 if full else 0.0
             vals["rank"] = float(k)
             vals["nonfinite"] = 0.0
@@ -380,14 +382,16 @@ class SpectralMonitor:
         if st.prev_u is not None and vals["update_norm"] > 0:
             vals["align_prev"] = float(abs_cosine(U[:, 0], st.prev_u[:, 0].to(U.device)))
             vals["overlap_prev"] = float(subspace_overlap(U[:, :a], st.prev_u[:, :a].to(U.device)))
-        vals["align_base"] = float(base_alignment(st.base_u, U[:, 0]))
+        base_u = st.base_u.to(U.device)  # restored state lives on the CPU
+        if vals["update_norm"] > 0:
+            vals["align_base"] = float(base_alignment(base_u, U[:, 0]))
         if cfg.intruders:
             Wt = W0 + B @ A
             top = min(INTRUDER_TOP, *spec.shape)
             Ut, _, _ = randomized_svd(
                 Wt, top, niter=cfg.niter, oversample=cfg.oversample, generator=self._generator(Wt.device, 1)
             )
-            vals["intruders"] = float(intruder_count(Ut, st.base_u, threshold=cfg.intruder_threshold, top=top))
+            vals["intruders"] = float(intruder_count(Ut, base_u, threshold=cfg.intruder_threshold, top=top))
         st.prev_u = U[:, :a].clone() if vals["update_norm"] > 0 else None
         report.spectra[spec.name] = S.float().cpu()
         return {spec.name: vals}

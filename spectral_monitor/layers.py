@@ -8,6 +8,7 @@ vectors always live in the output space. LoRA layers (PEFT ``LoraLayer``) are on
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -165,6 +166,10 @@ def select_layers(
         by_name = {s.name: s for s in specs}
         missing = [n for n in layers if n not in by_name]
         if missing:
-            raise KeyError(f"layers {missing} are not linear layers of the model; known: {sorted(by_name)[:8]}...")
+            close = [c for n in missing for c in difflib.get_close_matches(n, by_name, n=3, cutoff=0.6)]
+            raise KeyError(
+                f"layers {missing} are not linear layers of the model; "
+                f"close matches: {close or 'none'}; known ({len(by_name)}): {sorted(by_name)[:8]}..."
+            )
         specs = [by_name[n] for n in layers]
     return [s for s in specs if not any(p.search(s.name) for p in excludes)]

@@ -6,7 +6,8 @@ Key schema (all values are Python floats):
 * ``spectral/model/<metric>_<agg>``  aggregate over layers, ``agg`` in mean/median/min/max,
   e.g. ``spectral/model/rho1_mean``; per layer type ``spectral/model/<metric>_mean/<type>``
 * ``spectral/alert/<rule>``  1.0 on the step the rule fired
-* ``spectral/monitor/<name>``  bookkeeping: measure_s, layers, skipped, nonfinite
+* ``spectral/model/<name>``  also bookkeeping: measure_s, layers, skipped, nonfinite, update_norm_total
+* ``spectral/context/<name>``  the trainer's latest scalars (reward, kl, loss) recorded beside the spectra
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ def alert_key(rule: str) -> str:
 
 
 def split_layer_key(key: str) -> tuple[str, str] | None:
-    """Inverse of :func:`layer_key`: ``(metric, layer)``, or None for model/alert/monitor keys."""
+    """Inverse of :func:`layer_key`: ``(metric, layer)``, or None for model/alert/monitor/context keys."""
     parts = key.split("/", 2)
-    if len(parts) != 3 or parts[0] != PREFIX or parts[1] in ("model", "alert", "monitor"):
+    if len(parts) != 3 or parts[0] != PREFIX or parts[1] in ("model", "alert", "monitor", "context"):
         return None
     return parts[1], parts[2]
 

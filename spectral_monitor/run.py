@@ -7,6 +7,7 @@ whether to stop. Nothing in here raises into the training loop unless ``strict=T
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -119,6 +120,11 @@ class MonitorRun:
         if not self.should_measure(step, final=final):
             return Decision()
         if not self._started:
+            if not self.monitor.has_base:
+                log.warning(
+                    "spectral_monitor: MonitorRun.start() was not called before training; the base is taken now, "
+                    "after step %d, so the updates of the steps before it are not seen", step
+                )
             self.start()
         try:
             report = self.monitor.measure(step)
@@ -160,6 +166,9 @@ class MonitorRun:
                 if self.config.strict:
                     raise
                 self._broken.add(id(sink))
+                if method != "finish":
+                    with contextlib.suppress(Exception):
+                        sink.finish()  # release its files; it gets nothing more
                 log.warning(
                     "spectral_monitor: sink %s failed in %s() and is disabled for this run: %s: %s",
                     type(sink).__name__,

@@ -37,14 +37,12 @@ __all__ = [
     "strip_wrappers",
 ]
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+_WRAPPER_COMPONENTS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
 def strip_wrappers(name: str) -> str:
-    """Parameter name without DDP/compile/FSDP wrapper components."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+    """Parameter name without DDP/compile/FSDP wrapper components (whole dotted components only)."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_COMPONENTS)
 
 
 class BaseStore(ABC):

@@ -36,10 +36,10 @@ def summarize(report: StepReport) -> str:
 
 
 class ConsoleSink:
-    """Writes :func:`summarize` lines to the ``spectral_monitor`` logger, or stdout with ``use_print``."""
+    """Writes :func:`summarize` lines to stdout; to ``logger`` at INFO when one is given or ``use_print=False``."""
 
-    def __init__(self, *, use_print: bool = False, logger: logging.Logger | None = None) -> None:
-        self.use_print = use_print
+    def __init__(self, *, use_print: bool | None = None, logger: logging.Logger | None = None) -> None:
+        self.use_print = logger is None if use_print is None else use_print
         self.logger = logger or logging.getLogger("spectral_monitor")
 
     def start(self, run_config: Mapping[str, Any]) -> None:

@@ -15,9 +15,10 @@ __all__ = ["JsonlSink", "read_jsonl"]
 
 
 def _clean(value: Any) -> Any:
-    # JSON has no NaN/Inf: store them as null (readers turn null back into NaN).
+    # JSON has no NaN/Inf: store NaN as null and ±Inf as "inf"/"-inf" (a rank-1 update's gap is
+    # infinite, not missing); readers turn null back into NaN and float() reads the strings.
     if isinstance(value, float) and not math.isfinite(value):
-        return None
+        return None if math.isnan(value) else str(value)
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
     if isinstance(value, list):
