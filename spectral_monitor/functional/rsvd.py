@@ -1,0 +1,194 @@
+r"""Truncated SVDs of weight updates: randomized (dense :math:`W_t - W_0`) and exact (LoRA factors).
+
+**Randomized SVD** (Halko, Martinsson & Tropp 2011). For :math:`A \in \mathbb{R}^{m \times n}`
+(optionally :math:`A - A_0`, applied as an operator), target rank :math:`r` and sketch width
+:math:`\ell = \min(r + p, m, n)`:
+
+1. draw a Gaussian test matrix :math:`\Omega \in \mathbb{R}^{n \times \ell}` (its first columns may
+   be a warm start, see below) and orthonormalise the sketch: :math:`Q = \operatorname{qr}(A\Omega)`;
+2. run :math:`q` power (subspace) iterations, re-orthonormalising after every half step
+   (Alg. 4.4): :math:`\tilde Q = \operatorname{qr}(A^\top Q)`, :math:`Q = \operatorname{qr}(A\tilde Q)`
+   — without the QRs every direction below :math:`\sigma_1 \epsilon_{\text{mach}}^{1/(2q+1)}`
+   would be lost to round-off (HMT §4.5);
+3. project and decompose the small matrix (Alg. 5.1): :math:`B = Q^\top A \in \mathbb{R}^{\ell
+   \times n}`, :math:`B = \hat U \Sigma V^\top`, :math:`U = Q \hat U`; keep the top :math:`r`.
+
+The expected spectral error is :math:`\big[1 + 4\sqrt{\ell \min(m,n)}/(p-1)\big]^{1/(2q+1)}
+\sigma_{r+1}` (HMT §1.6 and §10.4): power iterations matter most when the spectrum decays slowly, and with
+:math:`q = 0` the singular *vectors* are unusable unless the gap :math:`\sigma_1/\sigma_2` is large.
+The computed values are Ritz values, so they never exceed the true ones (they are biased low near
+the cut-off :math:`r`).
+
+Cost: :math:`2q + 2` products of :math:`A` with an :math:`n \times \ell` or :math:`m \times \ell`
+block, :math:`2q + 1` thin QRs and one SVD of an :math:`\ell \times n` matrix. The sketch always
+starts on the right (column) side of :math:`A`, the side a warm start :math:`V` lives on, so a warm
+start costs nothing extra; torch's ``svd_lowrank`` transposes wide inputs instead, which buys no
+flops here (the QRs alternate between both sides anyway and the final small SVD costs about one
+thin QR) and would cost a warm start one extra product with :math:`A`.
+
+**Warm start.** The update :math:`\Delta W` moves slowly between measurements, so the previous
+right singular subspace :math:`V_{\text{prev}}` is a good start: the test matrix becomes
+:math:`\Omega = \operatorname{qr}([V_{\text{prev}}, G])` (Gaussian :math:`G` fills the remaining
+columns, orthogonal to :math:`V_{\text{prev}}`). If :math:`V_{\text{prev}}` spans the true top-:math:`r`
+subspace, even :math:`q = 0` returns the top-:math:`r` SVD to round-off.
+
+**Randomness.** The Gaussian block is drawn from a :class:`torch.Generator` — the caller's, or a
+fresh one seeded with a constant — never from the global RNG, so monitoring does not perturb the
+training run's random stream. One :math:`n \times \ell` block is drawn per call and shared by every
+matrix of a batch: a layer's result does not depend on which layers it was batched with.
+
+**Dtypes.** Arithmetic runs in float32 (bf16/fp16 are upcast per call; float64 stays float64) on
+the input's device. For low-precision inputs the upcast copy of :math:`A` is needed anyway, so
+:math:`A_0` is subtracted into that buffer (no further :math:`m \times n` allocation, half the
+products); float32 inputs are never copied and :math:`A - A_0` is never formed.
+
+**LoRA.** :math:`\Delta W = s\,BA` with :math:`B \in \mathbb{R}^{m \times r}`, :math:`A \in
+\mathbb{R}^{r \times n}` has an exact SVD from its factors: :math:`B = Q_B R_B`, :math:`A^\top = Q_A
+R_A`, :math:`s R_B R_A^\top = \hat U \Sigma \hat V^\top`, so :math:`U = Q_B \hat U`, :math:`V = Q_A
+\hat V` — :math:`O((m + n) r^2)`, without the :math:`m \times n` product.
+
+References: N. Halko, P.-G. Martinsson, J. A. Tropp, *Finding structure with randomness:
+probabilistic algorithms for constructing approximate matrix decompositions*, SIAM Review
+53(2):217-288, 2011 (arXiv:0909.4061), Algorithms 4.4 and 5.1; ``torch/_lowrank.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["lora_svd", "randomized_svd"]
+
+# Seed of the private generator used when the caller passes none (any constant would do).
+_DEFAULT_SEED = 0x5EC7
+
+
+def _working_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32, or float64 when an input is float64; rejects non-floating inputs."""
+    for t in tensors:
+        if not t.is_floating_point():
+            raise TypeError(f"expected a real floating-point tensor, got dtype={t.dtype}")
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+@torch.no_grad()
+def randomized_svd(
+    A: Tensor,
+    rank: int,
+    *,
+    niter: int = 2,
+    oversample: int = 10,
+    base: Tensor | None = None,
+    init: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Top-``rank`` SVD of ``A`` (or of ``A - base``) by randomized subspace iteration.
+
+    Args:
+        A: ``(*, m, n)`` real floating-point matrix or batch of matrices.
+        rank: number of singular triplets wanted; silently clamped to ``min(m, n)``.
+        niter: power iterations :math:`q \ge 0` (2 is accurate unless the gap is tiny).
+        oversample: extra sketch columns :math:`p \ge 0`; the sketch has
+            ``l = min(rank + oversample, m, n)`` columns.
+        base: optional ``(*, m, n)`` matrix (batch dims broadcastable to ``A``'s); the SVD is of
+            ``A - base``, applied as ``A @ X - base @ X`` without forming the difference.
+        init: optional ``(*, n, r0)`` warm start, e.g. ``V`` of the previous measurement; it is
+            orthonormalised and used as the first ``min(r0, l)`` columns of the test matrix.
+            ``V`` of an all-zero matrix is arbitrary (coordinate vectors): pass ``None`` then.
+        generator: source of the Gaussian test matrix (drawn on the generator's device, then
+            moved to ``A``'s); ``None`` uses a private generator with a fixed seed. The global
+            RNG is never used.
+
+    Returns:
+        ``(U, S, V)`` with ``U: (*, m, r)``, ``S: (*, r)`` descending and non-negative,
+        ``V: (*, n, r)``, ``r = min(rank, m, n)``, so that ``A - base ≈ U diag(S) Vᵀ``. Batch
+        dims are those of ``A``, ``base`` and ``init`` broadcast; dtype float32 (float64 for
+        float64 input). No autograd graph is recorded.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got rank={rank}")
+    if niter < 0:
+        raise ValueError(f"niter must be >= 0, got niter={niter}")
+    if oversample < 0:
+        raise ValueError(f"oversample must be >= 0, got oversample={oversample}")
+    if A.dim() < 2:
+        raise ValueError(f"A must have shape (*, m, n), got shape={tuple(A.shape)}")
+    m, n = A.shape[-2:]
+    dtype = _working_dtype(A) if base is None else _working_dtype(A, base)
+
+    if base is not None:
+        if base.shape[-2:] != A.shape[-2:]:
+            raise ValueError(f"base must have A's matrix shape {tuple(A.shape[-2:])}, got shape={tuple(base.shape)}")
+        if torch.broadcast_shapes(A.shape, base.shape) != A.shape:
+            raise ValueError(
+                f"base's batch dims must broadcast to A's: A.shape={tuple(A.shape)}, base.shape={tuple(base.shape)}"
+            )
+    work = A.to(dtype)
+    if base is not None and work is not A:
+        # Low-precision A was copied anyway: hold A - base in that copy (no further m x n buffer,
+        # half the products).
+        work.sub_(base)
+        base = None
+    if base is not None:
+        base = base.to(dtype)
+
+    r = min(rank, m, n)
+    l = min(rank + oversample, m, n)
+    if generator is None:
+        generator = torch.Generator(device=A.device)
+        generator.manual_seed(_DEFAULT_SEED)
+    omega = torch.randn(n, l, generator=generator, device=generator.device, dtype=dtype).to(A.device)
+    if init is not None:
+        omega = _warm_test_matrix(init, omega, dtype)
+
+    def apply(X: Tensor) -> Tensor:  # (A - base) @ X
+        return work @ X if base is None else work @ X - base @ X
+
+    def apply_t(Y: Tensor) -> Tensor:  # (A - base)^T @ Y
+        return work.mT @ Y if base is None else work.mT @ Y - base.mT @ Y
+
+    Q = torch.linalg.qr(apply(omega)).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(apply_t(Q)).Q
+        Q = torch.linalg.qr(apply(Q)).Q
+    Ub, S, Vh = torch.linalg.svd(apply_t(Q).mT, full_matrices=False)
+    return (Q @ Ub[..., :r], S[..., :r], Vh[..., :r, :].mT)
+
+
+def _warm_test_matrix(init: Tensor, omega: Tensor, dtype: torch.dtype) -> Tensor:
+    """``qr([init, omega])`` cut to ``omega``'s ``l`` columns: ``(*, n, l)`` orthonormal."""
+    n, l = omega.shape
+    if init.dim() < 2 or init.shape[-2] != n:
+        raise ValueError(f"init must have shape (*, n={n}, r0), got shape={tuple(init.shape)}")
+    init = init[..., :l].to(device=omega.device, dtype=dtype)
+    fill = omega[:, : l - init.shape[-1]].expand(*init.shape[:-2], n, -1)
+    return torch.linalg.qr(torch.cat([init, fill], dim=-1)).Q
+
+
+@torch.no_grad()
+def lora_svd(B: Tensor, A: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Exact SVD of a LoRA update ``scale * B @ A`` from its factors, never forming the product.
+
+    Args:
+        B: ``(*, m, r)`` LoRA "up" factor.
+        A: ``(*, r, n)`` LoRA "down" factor (batch dims broadcastable with ``B``'s).
+        scale: the adapter's scaling (``lora_alpha / r``, or ``/ sqrt(r)`` for rsLoRA); any sign.
+
+    Returns:
+        ``(U, S, V)`` with ``U: (*, m, k)``, ``S: (*, k)`` descending and non-negative,
+        ``V: (*, n, k)``, ``k = min(r, m, n)`` (``= r`` for every real adapter), so that
+        ``scale * B @ A = U diag(S) Vᵀ`` up to round-off; the product has rank ``<= k``, so the
+        rest of its spectrum is exactly zero. float32 (float64 for float64 input), no autograd.
+    """
+    if B.dim() < 2 or A.dim() < 2 or B.shape[-1] != A.shape[-2]:
+        raise ValueError(
+            f"expected B: (*, m, r) and A: (*, r, n), got B.shape={tuple(B.shape)}, A.shape={tuple(A.shape)}"
+        )
+    dtype = _working_dtype(B, A)
+    Qb, Rb = torch.linalg.qr(B.to(dtype))
+    Qa, Ra = torch.linalg.qr(A.to(dtype).mT)
+    Uc, S, Vch = torch.linalg.svd(scale * (Rb @ Ra.mT), full_matrices=False)
+    return Qb @ Uc, S, Qa @ Vch.mT
