@@ -26,7 +26,8 @@ class MonitorConfig:
         and the last (the adapter passes ``final=True``). ``schedule(step) -> bool`` overrides it.
     Decomposition
         ``rank`` k of the randomized SVD of ΔW (oversampled by ``oversample``, ``niter`` power
-        iterations, warm-started from the previous measurement). With ``adaptive_rank`` a layer
+        iterations; ``warm_niter`` of them once warm-started from the previous measurement's
+        subspace, None = ``niter``). With ``adaptive_rank`` a layer
         whose power-law tail is not covered by the top-k gets k doubled next time, up to
         ``max_rank``. Every ``full_every``-th measurement takes the full spectrum (exact
         effective rank and α; 0 = never).
@@ -48,6 +49,7 @@ class MonitorConfig:
     rank: int = 32
     oversample: int = 10
     niter: int = 2
+    warm_niter: int | None = None
     adaptive_rank: bool = True
     max_rank: int = 256
     full_every: int = 0
@@ -73,6 +75,8 @@ class MonitorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"MonitorConfig.{name} must be a positive int, got {value!r}")
+        if self.warm_niter is not None and (not isinstance(self.warm_niter, int) or self.warm_niter < 0):
+            raise ConfigError(f"MonitorConfig.warm_niter must be None or an int >= 0, got {self.warm_niter!r}")
         for name in ("oversample", "niter", "full_every", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

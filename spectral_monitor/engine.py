@@ -67,6 +67,61 @@ AGGREGATED = (
 #: metrics also aggregated per layer type (q/k/v/o/up/down/gate)
 BY_TYPE = ("rho1", "alpha", "erank", "update_rel")
 INTRUDER_TOP = 10
+INTRUDER_OVERSAMPLE = 5
+
+
+def _check_shapes(spec: LayerSpec, W: Tensor, B0: Tensor) -> None:
+    if W.shape != B0.shape or tuple(W.shape) != spec.shape:
+        raise BaseMismatchError(
+            f"layer {spec.name!r}: weight shape {tuple(W.shape)} vs base {tuple(B0.shape)} "
+            f"(monitored as {spec.shape}); the layer changed shape or the base is from another model"
+        )
+
+
+@dataclass
+class _Parts:
+    """What one decomposition of a chunk of b same-shape layers gives (all on the compute device).
+
+    U ``(b, m, k)``, S ``(b, k)``, V ``(b, n, k)`` of ΔW; fro ``(b,)`` = ‖ΔW‖_F²; sparsity, base_fro
+    ``(b,)``; finite: per layer; Ut ``(b, m, top)`` top left vectors of W_t (intruders) or None;
+    spectrum ``(b, min(m, n))`` all singular values of ΔW on full-spectrum measurements, else None.
+    """
+
+    U: Tensor
+    S: Tensor
+    V: Tensor
+    fro: Tensor
+    sparsity: Tensor
+    base_fro: Tensor
+    finite: list[bool]
+    Ut: Tensor | None
+    spectrum: Tensor | None
+
+
+class _Prefetch:
+    """Uploads the next chunk's base weights (pinned CPU store) on a side CUDA stream, so the
+    host-to-device copy overlaps the current chunk's decomposition."""
+
+    def __init__(self, store: BaseStore, device: torch.device) -> None:
+        self.store, self.device = store, device
+        self.stream = torch.cuda.Stream(device=device)
+        self.pending: dict[str, tuple[Tensor, torch.cuda.Event]] = {}
+
+    def start(self, chunk: list[LayerSpec]) -> None:
+        with torch.cuda.stream(self.stream):
+            for spec in chunk:
+                t = self.store.get(spec, self.device)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+                self.pending[spec.name] = (t, event)
+
+    def get(self, spec: LayerSpec) -> Tensor:
+        if spec.name not in self.pending:
+            return self.store.get(spec, self.device)
+        t, event = self.pending.pop(spec.name)
+        torch.cuda.current_stream(self.device).wait_event(event)
+        t.record_stream(torch.cuda.current_stream(self.device))
+        return t
 
 
 @dataclass
@@ -77,6 +132,7 @@ class _LayerState:
     prev_u: Tensor | None = None  # (m, align_k) top left singular vectors of the last ΔW
     prev_v: Tensor | None = None  # (n, rank) right subspace, the next sketch's warm start
     base_u: Tensor | None = None  # (m, base_k) top left singular vectors of W_0
+    base_v: Tensor | None = None  # (n, base_k) its right ones: the warm start of the sketch of W_t
     base_fro: float | None = None  # ‖W_0‖_F
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,7 +195,7 @@ class SpectralMonitor:
         self.store = store
         self._has_base = True
         for state in self._layers.values():  # W_0 changed: cached base facts are stale
-            state.base_u, state.base_fro = None, None
+            state.base_u, state.base_v, state.base_fro = None, None, None
 
     # --------------------------------------------------------------- measure
     def measure(self, step: int) -> StepReport:
@@ -150,14 +206,18 @@ class SpectralMonitor:
         report = StepReport(step=step)
         full = self.config.full_every > 0 and (self.measurements + 1) % self.config.full_every == 0
         values: dict[str, dict[str, float]] = {}
+        chunks = self._chunks()
+        prefetch = self._prefetcher()
         with torch.no_grad():
-            for chunk in self._chunks():
+            for i, chunk in enumerate(chunks):
                 try:
+                    if prefetch is not None and i + 1 < len(chunks) and chunks[i + 1][0].kind != "lora":
+                        prefetch.start(chunks[i + 1])
                     if chunk[0].kind == "lora":
                         for spec in chunk:
                             values.update(self._measure_lora(spec, report))
                     else:
-                        values.update(self._measure_dense(chunk, step, full, report))
+                        values.update(self._measure_dense(chunk, step, full, report, prefetch))
                 except Exception as exc:  # never hurt the training run
                     if self.config.strict:
                         raise
@@ -182,6 +242,23 @@ class SpectralMonitor:
             self._layers[spec.name] = _LayerState(rank=self.config.rank)
         return self._layers[spec.name]
 
+    @property
+    def _budget(self) -> int:
+        return self.config.memory_budget_mb * 2**20
+
+    @property
+    def _copies(self) -> int:
+        """float32 m x n buffers per layer in a batch: ΔW, and W_t when intruders are counted."""
+        return 2 if self.config.intruders else 1
+
+    def _prefetcher(self) -> _Prefetch | None:
+        """A side-stream uploader when the base sits in (pinned) CPU memory and we compute on CUDA."""
+        dense = [s for s in self.specs if s.kind != "lora"]
+        if self.store is None or self.store.kind != "cpu" or not dense:
+            return None
+        device = self._device(dense[0])
+        return _Prefetch(self.store, device) if device.type == "cuda" else None
+
     def _chunks(self) -> list[list[LayerSpec]]:
         """Groups of same-shape dense layers within the memory budget; LoRA layers one group."""
         groups: dict[tuple, list[LayerSpec]] = defaultdict(list)
@@ -191,16 +268,13 @@ class SpectralMonitor:
             else:
                 p = spec.parameter()
                 groups[(spec.shape, p.device, self._state(spec).rank)].append(spec)
-        budget = self.config.memory_budget_mb * 2**20
-        copies = 2 if self.config.intruders else 1
         out = []
         for key, specs in groups.items():
             if key[0] == "lora":
                 out.append(specs)
                 continue
             m, n = key[0]
-            per_layer = m * n * 4 * copies
-            size = max(1, budget // per_layer)
+            size = max(1, self._budget // (m * n * 4 * self._copies))
             out.extend(specs[i : i + size] for i in range(0, len(specs), size))
         return out
 
@@ -213,66 +287,179 @@ class SpectralMonitor:
         return gen
 
     def _measure_dense(
-        self, chunk: list[LayerSpec], step: int, full: bool, report: StepReport
+        self, chunk: list[LayerSpec], step: int, full: bool, report: StepReport, prefetch: _Prefetch | None = None
     ) -> dict[str, dict[str, float]]:
-        cfg = self.config
+        m, n = chunk[0].shape
+        states = [self._state(s) for s in chunk]
         device = self._device(chunk[0])
+        rank = states[0].rank
+        if rank > min(m, n):
+            self._warn_once(
+                f"clamp:{m}x{n}", f"spectral_monitor: rank {rank} clamped to {min(m, n)} for {m}x{n} layers"
+            )
+        gen = self._generator(device, step)
+        init = None
+        if all(s.prev_v is not None for s in states):
+            k0 = min(s.prev_v.shape[-1] for s in states)
+            init = torch.stack([s.prev_v[:, :k0].to(device) for s in states])
+        if len(chunk) == 1 and m * n * 4 * self._copies > self._budget:
+            parts = self._decompose_large(chunk[0], device, rank, init, gen)
+            full = False  # the full spectrum of an over-budget layer is not taken (erank is estimated)
+        else:
+            parts = self._decompose_chunk(chunk, device, rank, init, gen, full, prefetch)
+        if not all(parts.finite):
+            bad = [s.name for s, ok in zip(chunk, parts.finite) if not ok]
+            if self.config.strict:
+                raise NonFiniteError(f"non-finite values (NaN/Inf) in the weights or update of {bad} at step {step}")
+            self._warn_once(
+                f"nonfinite:{bad}",
+                f"spectral_monitor: NaN/Inf in {bad} at step {step}; "
+                "these layers are reported as non-finite and not measured",
+            )
+        return self._dense_values(chunk, states, parts, full, report)
+
+    def _base_u(self, states: list[_LayerState], W0: Tensor, gen: torch.Generator, **kw: Any) -> None:
+        """Cache W_0's top-``base_k`` singular vectors (once per layer)."""
+        if any(s.base_u is None for s in states):
+            U0, _, V0 = randomized_svd(
+                W0, self.config.base_k, niter=self.config.niter, oversample=self.config.oversample, generator=gen, **kw
+            )
+            for s, u0, v0 in zip(states, U0.reshape(-1, *U0.shape[-2:]), V0.reshape(-1, *V0.shape[-2:])):
+                s.base_u, s.base_v = u0, v0
+
+    def _decompose_chunk(
+        self,
+        chunk: list[LayerSpec],
+        device: torch.device,
+        rank: int,
+        init: Tensor | None,
+        gen: torch.Generator,
+        full: bool,
+        prefetch: _Prefetch | None,
+    ) -> _Parts:
+        """Batched path: ΔW of every layer of the chunk formed in one float32 buffer (within budget)."""
+        cfg = self.config
         m, n = chunk[0].shape
         b = len(chunk)
         states = [self._state(s) for s in chunk]
         D = torch.empty(b, m, n, dtype=torch.float32, device=device)
         Wt = torch.empty_like(D) if cfg.intruders else None
         spars = torch.empty(b, device=device)
+        base_fro = torch.empty(b, device=device)
         for i, spec in enumerate(chunk):
             W = spec.canonical(spec.parameter().detach())
-            B0 = spec.canonical(self.store.get(spec, device))
-            if W.shape != B0.shape or tuple(W.shape) != spec.shape:
-                raise BaseMismatchError(
-                    f"layer {spec.name!r}: weight shape {tuple(W.shape)} vs base {tuple(B0.shape)} "
-                    f"(monitored as {spec.shape}); the layer changed shape or the base is from another model"
-                )
+            B0 = spec.canonical(prefetch.get(spec) if prefetch is not None else self.store.get(spec, device))
+            _check_shapes(spec, W, B0)
             D[i].copy_(W)
             if Wt is not None:
                 Wt[i].copy_(D[i])
             D[i].sub_(B0)
             spars[i] = sparsity(D[i], W.to(device), B0, eta=cfg.sparsity_eta)
-            if states[i].base_fro is None:
-                states[i].base_fro = float(B0.float().norm())
+            base_fro[i] = torch.linalg.vector_norm(B0, dtype=torch.float32)
         finite = torch.isfinite(D).flatten(1).all(dim=1)
         if Wt is not None:
             finite &= torch.isfinite(Wt).flatten(1).all(dim=1)
         finite_list = finite.tolist()
         if not all(finite_list):
-            bad = [s.name for s, ok in zip(chunk, finite_list) if not ok]
-            if cfg.strict:
-                raise NonFiniteError(f"non-finite values (NaN/Inf) in the weights or update of {bad} at step {step}")
             D[~finite] = 0.0
             if Wt is not None:
                 Wt[~finite] = 0.0
-            self._warn_once(
-                f"nonfinite:{bad}",
-                f"spectral_monitor: NaN/Inf in {bad} at step {step}; "
-                "these layers are reported as non-finite and not measured",
+        niter = cfg.niter if init is None or cfg.warm_niter is None else cfg.warm_niter
+        U, S, V = randomized_svd(D, rank, niter=niter, oversample=cfg.oversample, init=init, generator=gen)
+        self._base_u(states, (Wt - D) if Wt is not None else self._stack_base(chunk, device), gen)
+        Ut = None
+        if Wt is not None:
+            top = min(INTRUDER_TOP, m, n)
+            init_t = torch.stack([st.base_v.to(device) for st in states])  # W_t ≈ W_0: start from its subspace
+            Ut, _, _ = randomized_svd(
+                Wt, top, niter=cfg.niter, oversample=INTRUDER_OVERSAMPLE, init=init_t, generator=gen
             )
-        gen = self._generator(device, step)
-        rank = states[0].rank
-        if rank > min(m, n):
-            self._warn_once(
-                f"clamp:{m}x{n}", f"spectral_monitor: rank {rank} clamped to {min(m, n)} for {m}x{n} layers"
+        return _Parts(
+            U, S, V, frobenius_sq(D), spars, base_fro, finite_list, Ut, full_singular_values(D) if full else None
+        )
+
+    def _stack_base(self, chunk: list[LayerSpec], device: torch.device) -> Tensor:
+        return torch.stack([c.canonical(self.store.get(c, device)).float() for c in chunk])
+
+    def _decompose_large(
+        self, spec: LayerSpec, device: torch.device, rank: int, init: Tensor | None, gen: torch.Generator
+    ) -> _Parts:
+        """A layer over the memory budget: ΔW is never formed; every pass streams row blocks."""
+        cfg = self.config
+        m, n = spec.shape
+        W = spec.canonical(spec.parameter().detach())
+        B0 = spec.canonical(self.store.get(spec, device))
+        _check_shapes(spec, W, B0)
+        rows = max(1, self._budget // (n * 4 * 4))
+        fro = torch.zeros((), dtype=torch.float64, device=device)
+        base_sq = torch.zeros((), dtype=torch.float64, device=device)
+        small = torch.zeros((), dtype=torch.float64, device=device)
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        for r0 in range(0, m, rows):
+            w, b0 = W[r0 : r0 + rows].to(device), B0[r0 : r0 + rows]
+            d = w.float() - b0.float()
+            fro += frobenius_sq(d).double()
+            base_sq += frobenius_sq(b0).double()
+            small += sparsity(d, w, b0, eta=cfg.sparsity_eta).double() * d.numel()
+            finite &= torch.isfinite(d).all() & torch.isfinite(w).all()
+        ok = bool(finite)
+        zeros = torch.zeros(1, device=device)
+        if not ok:
+            return _Parts(
+                torch.zeros(1, m, 1, device=device),
+                torch.zeros(1, 1, device=device),
+                torch.zeros(1, n, 1, device=device),
+                zeros,
+                zeros,
+                zeros,
+                [False],
+                None,
+                None,
             )
-        init = None
-        if all(s.prev_v is not None and s.prev_v.shape[-1] >= 1 for s in states):
-            k0 = min(s.prev_v.shape[-1] for s in states)
-            init = torch.stack([s.prev_v[:, :k0].to(device) for s in states])
-        U, S, V = randomized_svd(D, rank, niter=cfg.niter, oversample=cfg.oversample, init=init, generator=gen)
-        fro = frobenius_sq(D)
+        niter = cfg.niter if init is None or cfg.warm_niter is None else cfg.warm_niter
+        U, S, V = randomized_svd(
+            W, rank, niter=niter, oversample=cfg.oversample, base=B0, init=init, generator=gen, block_rows=rows
+        )
+        self._base_u([self._state(spec)], B0, gen, block_rows=rows)
+        Ut = None
+        if cfg.intruders:
+            top = min(INTRUDER_TOP, m, n)
+            Ut, _, _ = randomized_svd(
+                W,
+                top,
+                niter=cfg.niter,
+                oversample=INTRUDER_OVERSAMPLE,
+                init=self._state(spec).base_v.to(device),
+                generator=gen,
+                block_rows=rows,
+            )
+            Ut = Ut[None]
+        return _Parts(
+            U[None],
+            S[None],
+            V[None],
+            fro.float()[None],
+            (small / (m * n)).float()[None],
+            base_sq.sqrt().float()[None],
+            [True],
+            Ut,
+            None,
+        )
+
+    def _dense_values(
+        self, chunk: list[LayerSpec], states: list[_LayerState], parts: _Parts, full: bool, report: StepReport
+    ) -> dict[str, dict[str, float]]:
+        """Per-layer metrics of a decomposed chunk (one host sync for all of them)."""
+        cfg = self.config
+        m, n = chunk[0].shape
+        U, S, V, fro = parts.U, parts.S, parts.V, parts.fro
         k = S.shape[-1]
-        top_sq = (S.double() ** 2).sum(-1).float()
-        if full:
-            spectrum = full_singular_values(D)
-            erank = effective_rank(spectrum)
-            fit = fit_power_law(spectrum**2, min_tail=cfg.alpha_min_tail, max_ks=cfg.alpha_max_ks)
+        device = S.device
+        if parts.spectrum is not None:
+            erank = effective_rank(parts.spectrum)
+            fit = fit_power_law(parts.spectrum**2, min_tail=cfg.alpha_min_tail, max_ks=cfg.alpha_max_ks)
         else:
+            top_sq = (S.double() ** 2).sum(-1).float()
             erank = effective_rank(S, residual_sq=(fro - top_sq).clamp_min(0), total=min(m, n))
             fit = fit_power_law(S**2, min_tail=cfg.alpha_min_tail, max_ks=cfg.alpha_max_ks, total=min(m, n))
         metric_t: dict[str, Tensor] = {
@@ -289,51 +476,44 @@ class SpectralMonitor:
             "alpha_reliable": fit.reliable.float(),
             "alpha_hat": fit.alpha * torch.log10(S[:, 0].clamp_min(1e-30) ** 2),
             "update_norm": fro.sqrt(),
-            "sparsity": spars,
+            "sparsity": parts.sparsity,
+            "_base_fro": parts.base_fro,
+            "_covered": fit.covered.float(),
         }
         a = min(cfg.align_k, k)
         if all(s.prev_u is not None for s in states):
             prev_u = torch.stack([s.prev_u[:, :a].to(device) for s in states])
             metric_t["align_prev"] = abs_cosine(U[:, :, 0], prev_u[:, :, 0])
             metric_t["overlap_prev"] = subspace_overlap(U[:, :, :a], prev_u)
-        if any(s.base_u is None for s in states):
-            W0 = (
-                (Wt - D)
-                if Wt is not None
-                else torch.stack([c.canonical(self.store.get(c, device)).float() for c in chunk])
-            )
-            U0, _, _ = randomized_svd(W0, cfg.base_k, niter=cfg.niter, oversample=cfg.oversample, generator=gen)
-            del W0
-            for s, u0 in zip(states, U0):
-                s.base_u = u0
-        base_u = torch.stack([s.base_u for s in states]).to(device)
+        base_u = torch.stack([s.base_u.to(device) for s in states])
         metric_t["align_base"] = base_alignment(base_u, U[:, :, 0])
-        if Wt is not None:
-            top = min(INTRUDER_TOP, m, n)
-            Ut, _, _ = randomized_svd(Wt, top, niter=cfg.niter, oversample=cfg.oversample, generator=gen)
-            metric_t["intruders"] = intruder_count(Ut, base_u, threshold=cfg.intruder_threshold, top=top).float()
+        if parts.Ut is not None:
+            top = parts.Ut.shape[-1]
+            metric_t["intruders"] = intruder_count(parts.Ut, base_u, threshold=cfg.intruder_threshold, top=top).float()
         out_cpu = {key: t.float().cpu() for key, t in metric_t.items()}
         S_cpu = S.float().cpu()
         values: dict[str, dict[str, float]] = {}
         for i, (spec, st) in enumerate(zip(chunk, states)):
+            if st.base_fro is None:
+                st.base_fro = float(out_cpu["_base_fro"][i])
             zero = out_cpu["update_norm"][i].item() == 0.0
-            st.prev_u = None if zero else U[i, :, :a].clone()
-            st.prev_v = None if zero else V[i].clone()
-            if not finite_list[i]:
+            ok = parts.finite[i]
+            st.prev_u = None if zero or not ok else U[i, :, :a].clone()
+            st.prev_v = None if zero or not ok else V[i].clone()
+            if not ok:
                 values[spec.name] = {"nonfinite": 1.0}
                 report.skipped[spec.name] = "non-finite weights (NaN/Inf)"
-                st.prev_u = st.prev_v = None
                 continue
-            vals = {key: float(t[i]) for key, t in out_cpu.items()}
+            vals = {key: float(t[i]) for key, t in out_cpu.items() if not key.startswith("_")}
             vals["update_rel"] = vals["update_norm"] / st.base_fro if st.base_fro else 0.0
-            if vals["update_norm"] == 0.0:
+            if zero:
                 vals.pop("align_base", None)  # the top direction of a zero update is arbitrary
             vals["erank_exact"] = 1.0 if full else 0.0
             vals["rank"] = float(k)
             vals["nonfinite"] = 0.0
             values[spec.name] = vals
             report.spectra[spec.name] = S_cpu[i]
-            if cfg.adaptive_rank and not full and not bool(fit.covered[i]) and vals["update_norm"] > 0:
+            if cfg.adaptive_rank and not full and out_cpu["_covered"][i] == 0.0 and not zero:
                 st.rank = min(2 * st.rank, cfg.max_rank, min(m, n))
         return values
 
@@ -355,9 +535,7 @@ class SpectralMonitor:
         W0 = spec.canonical(spec.parameter().detach()).float()
         if st.base_fro is None or st.base_u is None:
             st.base_fro = float(W0.norm())
-            st.base_u, _, _ = randomized_svd(
-                W0, cfg.base_k, niter=cfg.niter, oversample=cfg.oversample, generator=self._generator(W0.device, 0)
-            )
+            self._base_u([st], W0, self._generator(W0.device, 0))
         fit = fit_power_law(S**2, min_tail=cfg.alpha_min_tail, max_ks=cfg.alpha_max_ks)
         vals = {
             "sigma1": float(S[0]),
@@ -389,7 +567,12 @@ class SpectralMonitor:
             Wt = W0 + B @ A
             top = min(INTRUDER_TOP, *spec.shape)
             Ut, _, _ = randomized_svd(
-                Wt, top, niter=cfg.niter, oversample=cfg.oversample, generator=self._generator(Wt.device, 1)
+                Wt,
+                top,
+                niter=cfg.niter,
+                oversample=INTRUDER_OVERSAMPLE,
+                init=st.base_v.to(Wt.device),
+                generator=self._generator(Wt.device, 1),
             )
             vals["intruders"] = float(intruder_count(Ut, base_u, threshold=cfg.intruder_threshold, top=top))
         st.prev_u = U[:, :a].clone() if vals["update_norm"] > 0 else None

@@ -338,6 +338,26 @@ def test_layer_larger_than_the_memory_budget(caplog):
     assert val(r, "gap", "q_proj") == pytest.approx(2.0, rel=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_over_budget_layer_streams_rows_and_agrees_with_the_batched_path(dtype):
+    """The row-streaming path (ΔW never formed) gives the numbers of the in-memory path."""
+    m, n = 512, 300
+    results = []
+    for budget in (1, 64):  # 1 MB: over budget, streamed; 64 MB: formed in one buffer
+        torch.manual_seed(0)
+        model = single(m, n, dtype=dtype)
+        mon = SpectralMonitor(model, rank=6, memory_budget_mb=budget)
+        mon.snapshot()
+        W0 = get_canonical(mon, "q_proj")
+        spike = 0.5 * torch.outer(unit(m, 3), unit(n, 4)) + 0.01 * orthonormal(m, 3, 5) @ orthonormal(n, 3, 6).T
+        set_canonical(mon, "q_proj", W0 + spike)
+        results.append(mon.measure(1))
+    streamed, batched = results
+    for metric in ("update_norm", "update_rel", "sigma1", "rho1", "sparsity", "align_base", "intruders"):
+        expected = pytest.approx(val(batched, metric, "q_proj"), rel=1e-4, abs=1e-6)
+        assert val(streamed, metric, "q_proj") == expected, metric
+
+
 def test_bf16_weights_are_upcast():
     m, n = 24, 16
     model = single(m, n, dtype=torch.bfloat16)

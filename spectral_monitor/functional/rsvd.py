@@ -54,6 +54,8 @@ probabilistic algorithms for constructing approximate matrix decompositions*, SI
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -84,6 +86,7 @@ def randomized_svd(
     base: Tensor | None = None,
     init: Tensor | None = None,
     generator: torch.Generator | None = None,
+    block_rows: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Top-``rank`` SVD of ``A`` (or of ``A - base``) by randomized subspace iteration.
 
@@ -101,6 +104,10 @@ def randomized_svd(
         generator: source of the Gaussian test matrix (drawn on the generator's device, then
             moved to ``A``'s); ``None`` uses a private generator with a fixed seed. The global
             RNG is never used.
+        block_rows: when set, every product runs over blocks of this many rows of ``A`` (and
+            ``base``), each upcast on the fly: no float32 copy of a low-precision ``A`` and no
+            ``A - base`` is ever formed, at the cost of re-reading ``A`` in every pass. For
+            matrices larger than a memory budget (embedding-sized layers).
 
     Returns:
         ``(U, S, V)`` with ``U: (*, m, r)``, ``S: (*, r)`` descending and non-negative,
@@ -116,7 +123,6 @@ def randomized_svd(
         raise ValueError(f"oversample must be >= 0, got oversample={oversample}")
     if A.dim() < 2:
         raise ValueError(f"A must have shape (*, m, n), got shape={tuple(A.shape)}")
-    m, n = A.shape[-2:]
     dtype = _working_dtype(A) if base is None else _working_dtype(A, base)
 
     if base is not None:
@@ -126,6 +132,10 @@ def randomized_svd(
             raise ValueError(
                 f"base's batch dims must broadcast to A's: A.shape={tuple(A.shape)}, base.shape={tuple(base.shape)}"
             )
+    if block_rows is not None:
+        if block_rows < 1:
+            raise ValueError(f"block_rows must be >= 1, got block_rows={block_rows}")
+        return _blocked(A, base, rank, niter, oversample, init, generator, block_rows, dtype)
     work = A.to(dtype)
     if base is not None and work is not A:
         # Low-precision A was copied anyway: hold A - base in that copy (no further m x n buffer,
@@ -135,6 +145,59 @@ def randomized_svd(
     if base is not None:
         base = base.to(dtype)
 
+    def apply(X: Tensor) -> Tensor:  # (A - base) @ X
+        return work @ X if base is None else work @ X - base @ X
+
+    def apply_t(Y: Tensor) -> Tensor:  # (A - base)^T @ Y
+        return work.mT @ Y if base is None else work.mT @ Y - base.mT @ Y
+
+    return _subspace_iteration(apply, apply_t, A, rank, niter, oversample, init, generator, dtype)
+
+
+def _blocked(
+    A: Tensor,
+    base: Tensor | None,
+    rank: int,
+    niter: int,
+    oversample: int,
+    init: Tensor | None,
+    generator: torch.Generator | None,
+    rows: int,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``randomized_svd`` with every product taken over row blocks of ``A - base`` (see ``block_rows``)."""
+    m = A.shape[-2]
+
+    def block(r0: int) -> Tensor:
+        blk = A[..., r0 : r0 + rows, :].to(dtype)
+        return blk if base is None else blk - base[..., r0 : r0 + rows, :].to(dtype)
+
+    def apply(X: Tensor) -> Tensor:
+        return torch.cat([block(r0) @ X for r0 in range(0, m, rows)], dim=-2)
+
+    def apply_t(Y: Tensor) -> Tensor:
+        out = None
+        for r0 in range(0, m, rows):
+            part = block(r0).mT @ Y[..., r0 : r0 + rows, :]
+            out = part if out is None else out + part
+        return out
+
+    return _subspace_iteration(apply, apply_t, A, rank, niter, oversample, init, generator, dtype)
+
+
+def _subspace_iteration(
+    apply: Callable[[Tensor], Tensor],
+    apply_t: Callable[[Tensor], Tensor],
+    A: Tensor,
+    rank: int,
+    niter: int,
+    oversample: int,
+    init: Tensor | None,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """HMT Alg. 4.4 + 5.1 on the operator ``apply`` (X -> M X) / ``apply_t`` (Y -> Mᵀ Y) of A's shape."""
+    m, n = A.shape[-2:]
     r = min(rank, m, n)
     l = min(rank + oversample, m, n)
     if generator is None:
@@ -143,12 +206,6 @@ def randomized_svd(
     omega = torch.randn(n, l, generator=generator, device=generator.device, dtype=dtype).to(A.device)
     if init is not None:
         omega = _warm_test_matrix(init, omega, dtype)
-
-    def apply(X: Tensor) -> Tensor:  # (A - base) @ X
-        return work @ X if base is None else work @ X - base @ X
-
-    def apply_t(Y: Tensor) -> Tensor:  # (A - base)^T @ Y
-        return work.mT @ Y if base is None else work.mT @ Y - base.mT @ Y
 
     Q = torch.linalg.qr(apply(omega)).Q
     for _ in range(niter):

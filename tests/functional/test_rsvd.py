@@ -324,3 +324,20 @@ def test_cuda_matches_cpu() -> None:
     assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
     B, A_l = torch.randn(300, 8, generator=_gen(5)), torch.randn(8, 200, generator=_gen(6))
     torch.testing.assert_close(lora_svd(B.cuda(), A_l.cuda(), 2.0)[1].cpu(), lora_svd(B, A_l, 2.0)[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_rows_matches_the_unblocked_result(dtype: torch.dtype) -> None:
+    """Row-blocked products (for layers over the memory budget) give the same decomposition."""
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(300, 120, generator=gen).to(dtype)
+    spike = 5.0 * torch.randn(300, 1, generator=gen) @ torch.randn(1, 120, generator=gen) / 100
+    A = (base.float() + spike + 0.01 * torch.randn(300, 120, generator=gen)).to(dtype)
+    ref = randomized_svd(A, 8, base=base, generator=torch.Generator().manual_seed(3))
+    out = randomized_svd(A, 8, base=base, block_rows=64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-4, atol=1e-5)
+    assert (out[0][:, 0] @ ref[0][:, 0]).abs().item() == pytest.approx(1.0, abs=1e-4)
+    exact = torch.linalg.svdvals(A.double() - base.double())[0]  # the planted spike
+    assert out[1][0].item() == pytest.approx(exact.item(), rel=1e-3)
+    with pytest.raises(ValueError, match="block_rows"):
+        randomized_svd(A, 8, block_rows=0)
