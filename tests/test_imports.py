@@ -103,6 +103,7 @@ def test_unknown_package_points_to_all_and_submodules_use_their_top_package(monk
     with pytest.raises(MissingDependencyError, match=r"spectral-monitor\[all\]"):
         require("surely_not_a_real_package_xyz", "X")
     monkeypatch.setitem(sys.modules, "lightning", None)
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)  # already imported when test_lightning.py was collected
     with pytest.raises(MissingDependencyError, match=r"spectral-monitor\[lightning\]"):
         require("lightning.pytorch", "Y")
     assert not is_available("surely_not_a_real_package_xyz")
