@@ -489,7 +489,9 @@ class SpectralMonitor:
         metric_t["align_base"] = base_alignment(base_u, U[:, :, 0])
         if parts.Ut is not None:
             top = parts.Ut.shape[-1]
-            metric_t["intruders"] = intruder_count(parts.Ut, base_u, threshold=cfg.intruder_threshold, top=top).float()
+            metric_t["intruders"] = intruder_count(
+                parts.Ut, base_u, threshold=cfg.intruder_threshold, top=top, truncated=base_u.shape[-1] < min(m, n)
+            ).float()
         out_cpu = {key: t.float().cpu() for key, t in metric_t.items()}
         S_cpu = S.float().cpu()
         values: dict[str, dict[str, float]] = {}
@@ -574,7 +576,11 @@ class SpectralMonitor:
                 init=st.base_v.to(Wt.device),
                 generator=self._generator(Wt.device, 1),
             )
-            vals["intruders"] = float(intruder_count(Ut, base_u, threshold=cfg.intruder_threshold, top=top))
+            vals["intruders"] = float(
+                intruder_count(
+                    Ut, base_u, threshold=cfg.intruder_threshold, top=top, truncated=base_u.shape[-1] < min(*spec.shape)
+                )
+            )
         st.prev_u = U[:, :a].clone() if vals["update_norm"] > 0 else None
         report.spectra[spec.name] = S.float().cpu()
         return {spec.name: vals}

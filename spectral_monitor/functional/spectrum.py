@@ -309,19 +309,26 @@ def base_alignment(U0: Tensor, u: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def intruder_count(U_t: Tensor, U_0: Tensor, threshold: float = 0.5, top: int = 10) -> Tensor:
+def intruder_count(
+    U_t: Tensor, U_0: Tensor, threshold: float = 0.5, top: int = 10, *, truncated: bool = False
+) -> Tensor:
     r"""Number of intruder dimensions (Shuttleworth et al. 2024).
 
     Among the first ``top`` columns :math:`y_j` of ``U_t``, count those with
     :math:`\max_i |\langle y_j, x_i\rangle| < \text{threshold}` over all columns :math:`x_i` of
     ``U_0`` (both sets of unit vectors, so the inner product is the cosine). The paper takes
     ``U_0`` as *all* left singular vectors of :math:`W_0`; a top-K ``U_0`` can only add intruders.
+    With ``truncated=True`` (``U_0`` is a top-K basis), a direction counts only when it is an
+    intruder for *every* completion of the basis: its energy outside ``span(U_0)`` is also below
+    ``threshold²``, so no unseen singular vector of :math:`W_0` can reach the threshold. This is a
+    lower bound on the paper's count, free of the false positives the truncation would add.
 
     Args:
         U_t: ``(*, m, k)`` left singular vectors of :math:`W_t`, descending by singular value.
         U_0: ``(*, m, K)`` left singular vectors of :math:`W_0`.
         threshold: cosine below which a direction counts as new (the paper's 0.5).
         top: how many leading columns of ``U_t`` to test (the paper's 10; capped at ``k``).
+        truncated: ``U_0`` holds only W_0's top-K vectors (see above).
 
     Returns:
         ``(*,)`` int64 in ``[0, min(top, k)]``.
@@ -331,8 +338,12 @@ def intruder_count(U_t: Tensor, U_0: Tensor, threshold: float = 0.5, top: int = 
     _check_matrix("U_t", U_t)
     _check_matrix("U_0", U_0)
     U_t, U_0 = _up_pair(U_t[..., :top], U_0)
-    cos = (U_t.mT @ U_0).abs()
-    return (cos.amax(-1) < threshold).sum(-1)
+    proj = U_t.mT @ U_0  # (*, top, K)
+    new = proj.abs().amax(-1) < threshold
+    if truncated:
+        outside = (U_t.pow(2).sum(-2) - proj.pow(2).sum(-1)).clamp_min(0)  # energy outside span(U_0)
+        new &= outside < threshold**2
+    return new.sum(-1)
 
 
 @torch.no_grad()

@@ -360,3 +360,20 @@ def test_cuda_matches_cpu() -> None:
     torch.testing.assert_close(
         sparsity((W_t - W_0).cuda(), W_t.cuda(), W_0.cuda()).cpu(), sparsity(W_t - W_0, W_t, W_0)
     )
+
+
+def test_intruder_count_truncated_basis_counts_only_certain_intruders() -> None:
+    """A top-K basis: a direction mostly outside span(U_0) might match an unseen vector of W_0."""
+    eye = torch.eye(6, dtype=F64)
+    U_0 = eye[:, :2]  # W_0's top-2 of a 6-dim space
+    inside = (eye[:, 0] + eye[:, 1]) / math.sqrt(2)  # cos 0.707 with both: not an intruder
+    outside = eye[:, 4]  # orthogonal to span(U_0): an intruder only if the basis were complete
+    mixed = 0.3 * eye[:, 0] + 0.3 * eye[:, 1] + math.sqrt(0.82) * eye[:, 5]
+    U_t = torch.stack([inside, outside, mixed], dim=1)
+    assert intruder_count(U_t, U_0).item() == 2  # paper's rule on the truncated basis
+    assert intruder_count(U_t, U_0, truncated=True).item() == 0  # the residuals (1.0, 0.82) exceed 0.25
+    U_4 = eye[:, :4]  # top-4 basis: a direction spread thinly over it, little energy outside, is certainly new
+    spread = torch.stack([0.45 * (eye[:, 0] + eye[:, 1] + eye[:, 2] + eye[:, 3]) + math.sqrt(0.19) * eye[:, 4]], dim=1)
+    assert intruder_count(spread, U_4, truncated=True).item() == 1  # max cos 0.45, outside energy 0.19 < 0.25
+    full = eye  # complete basis: truncated=True changes nothing
+    assert intruder_count(U_t, full, truncated=True).item() == intruder_count(U_t, full).item() == 0
