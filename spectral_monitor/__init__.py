@@ -27,6 +27,7 @@ from spectral_monitor.errors import (
 from spectral_monitor.records import Alert, StepReport
 from spectral_monitor.run import Decision, MonitorRun
 from spectral_monitor.sinks import ConsoleSink, JsonlSink, MemorySink, TensorBoardSink, WandbSink, read_jsonl
+from spectral_monitor.substitution import rank_k_probe, substitute_, substituted
 
 __version__ = "0.1.0"
 
@@ -57,5 +58,8 @@ __all__ = [
     "WandbSink",
     "__version__",
     "default_rules",
+    "rank_k_probe",
     "read_jsonl",
+    "substitute_",
+    "substituted",
 ]

@@ -50,7 +50,8 @@ class Decision:
         return {
             k: v
             for k, v in self.report.metrics.items()
-            if k.startswith((f"{PREFIX}/model/", f"{PREFIX}/alert/", f"{PREFIX}/context/")) and math.isfinite(v)
+            if k.startswith((f"{PREFIX}/model/", f"{PREFIX}/alert/", f"{PREFIX}/context/", f"{PREFIX}/probe/"))
+            and math.isfinite(v)
         }
 
 
@@ -123,7 +124,8 @@ class MonitorRun:
             if not self.monitor.has_base:
                 log.warning(
                     "spectral_monitor: MonitorRun.start() was not called before training; the base is taken now, "
-                    "after step %d, so the updates of the steps before it are not seen", step
+                    "after step %d, so the updates of the steps before it are not seen",
+                    step,
                 )
             self.start()
         try:
@@ -136,7 +138,8 @@ class MonitorRun:
             )
             return Decision()
         for key, value in self.context.items():
-            report.metrics[f"{PREFIX}/context/{key}"] = value
+            # keys already in the schema (e.g. a probe's spectral/probe/...) keep their name
+            report.metrics[key if key.startswith(f"{PREFIX}/") else f"{PREFIX}/context/{key}"] = value
         report.alerts, self.rule_states = evaluate(self.rules, self.rule_states, report, early_stop=self.early_stop)
         patience = {r.name: r.patience for r in self.rules}
         for alert in report.alerts:
