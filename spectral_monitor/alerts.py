@@ -5,6 +5,11 @@ A rule's :meth:`Rule.condition` says whether the report crosses its threshold (a
 measurements) and returns the fired :class:`Alert` objects together with the new rule
 states. No rule keeps hidden state: everything lives in the plain ``dict`` states, which are
 checkpointed with the run. An unreliable α never counts.
+
+Two kinds of rules: *hard* ones (non-finite weights, update-norm blow-up, rank-1 collapse) may stop
+training when the run has ``early_stop=True``; *heuristic* ones (α leaving its band, intruder
+dimensions, effective-rank drop) default to ``stop=False``: on small or noisy runs they fire on
+healthy training too, so they warn and log unless you set ``stop=True`` on them.
 """
 
 from __future__ import annotations
@@ -98,8 +103,9 @@ class AlphaOutOfBand(Rule):
     name: str = "alpha_out_of_band"
     low: float = 2.0
     high: float = 6.0
-    min_increase: float = 0.25
-    patience: int = 2
+    min_increase: float = 0.5
+    patience: int = 3
+    stop: bool = False
 
     def condition(self, report: StepReport, ref: float | None) -> Condition:
         reliable = report.layer_values("alpha_reliable")
@@ -126,6 +132,7 @@ class IntruderDimensions(Rule):
     name: str = "intruder_dimensions"
     min_total: int = 1
     patience: int = 2
+    stop: bool = False
 
     def condition(self, report: StepReport, ref: float | None) -> Condition:
         counts = report.layer_values("intruders")
@@ -145,8 +152,9 @@ class EffectiveRankDrop(Rule):
     """Mean effective rank of ΔW fell below ``drop`` × its first non-zero measured value."""
 
     name: str = "erank_drop"
-    drop: float = 0.5
-    patience: int = 2
+    drop: float = 0.25
+    patience: int = 3
+    stop: bool = False
 
     def condition(self, report: StepReport, ref: float | None) -> Condition:
         value = report.metrics.get(model_key("erank_mean"))

@@ -1,21 +1,29 @@
 """Hugging Face ``Trainer`` adapter: ``callbacks=[SpectralMonitorCallback()]``.
 
-* Base snapshot in ``on_train_begin`` (a fresh run) or restored from the checkpoint (resume).
-* Measures in ``on_step_end`` (weights updated under every backend; once per optimizer step).
-* Model-level aggregates go through the trainer's own logging path (``Trainer.log``), so every
-  ``report_to`` backend receives them as ``train/spectral/model/...``; per-layer series go to the
-  monitor's sinks: a JSONL log in ``output_dir/spectral_monitor/`` always, and the W&B run /
-  TensorBoard writer the trainer already uses.
-* Alerts with ``early_stop=True`` set ``control.should_training_stop`` (and save a checkpoint).
-* Resume: the callback writes ``checkpoint-N/spectral_monitor.pt`` in ``on_save`` and the base
-  once to ``output_dir/spectral_monitor/base.safetensors``; a resumed run reads them back
-  itself, so it works without ``restore_callback_states_from_checkpoint``.
+* Base snapshot in ``on_train_begin`` (fresh run) or read back from the checkpoint (resume).
+* Measures in ``on_step_end`` (once per optimizer step, weights updated; steps are optimizer
+  steps); the last step (``max_steps``, or a stop set by an earlier callback) is always measured.
+* Compact model-level keys (every ``spectral/model/<metric>_mean``, a few ``_max``/``_min``,
+  ``spectral/alert/<rule>``) go through the base ``transformers.Trainer.log`` (a TRL override would
+  steal its buffered reward metrics; ``control.should_log`` is restored so the step's loss line is
+  kept): every ``report_to`` backend shows them as ``train/spectral/...``. The rest (per-layer
+  ``spectral/<metric>/<layer>``, other aggregates) goes to the trainer's W&B run / TensorBoard
+  writer through the sinks; every key, plus ``spectral/context/*`` (the trainer's latest loss,
+  reward, ...), to ``output_dir/spectral_monitor/metrics.jsonl`` (a fresh run first moves an older
+  run's log there aside, to ``metrics.<time_ns>.jsonl``).
+* Alerts with ``early_stop=True`` set ``control.should_training_stop`` (and ``should_save`` unless
+  ``save_strategy="no"``) and log the reason.
+* Resume: ``on_save`` writes ``checkpoint-N/spectral_monitor.pt`` and, once, the base to
+  ``output_dir/spectral_monitor/base.safetensors``; a resumed run reads them back itself (no
+  ``restore_callback_states_from_checkpoint`` needed): ΔW stays relative to the original base.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +33,13 @@ from torch import nn
 from spectral_monitor._imports import require
 from spectral_monitor.alerts import Rule
 from spectral_monitor.config import MonitorConfig
+from spectral_monitor.records import PREFIX, StepReport
 from spectral_monitor.run import Decision, MonitorRun
 from spectral_monitor.sinks.base import LayerMetricsOnly, Sink
 from spectral_monitor.sinks.jsonl import JsonlSink
 from spectral_monitor.snapshot import load_store, persist
 
 transformers = require("transformers", "spectral_monitor.integrations.hf")
-TrainerCallback = transformers.TrainerCallback
 
 __all__ = ["SpectralMonitorCallback"]
 
@@ -39,27 +47,50 @@ log = logging.getLogger("spectral_monitor")
 
 STATE_FILE = "spectral_monitor.pt"
 MONITOR_DIR = "spectral_monitor"
+BASE_FILE = "base.safetensors"
+#: model-level keys besides every ``<metric>_mean`` that go through ``Trainer.log``
+TRAINER_EXTRA = {"rho1_max", "alpha_min", "alpha_max", "update_rel_max", "intruders_max", "update_norm_total"}
+TRAINER_EXTRA |= {"alpha_reliable_frac", "measure_s"}
+CONTEXT = f"{PREFIX}/context/"
 
 
-def find_trainer() -> Any | None:
-    """The ``transformers.Trainer`` whose callback handler is calling us (walks the call stack)."""
+def to_trainer_log(key: str) -> bool:
+    """True for the compact keys sent through ``Trainer.log`` (the rest go to the sinks)."""
+    name = key.removeprefix(f"{PREFIX}/model/")
+    if key.startswith(f"{PREFIX}/alert/"):
+        return True
+    return name != key and "/" not in name and (name.endswith("_mean") or name in TRAINER_EXTRA)
+
+
+class _NotTrainerKeys(LayerMetricsOnly):
+    """Wraps a backend sink: drops the keys that reach that backend through ``Trainer.log``, and the context."""
+
+    def write(self, report: StepReport) -> None:
+        keep = {k: v for k, v in report.metrics.items() if not (to_trainer_log(k) or k.startswith(CONTEXT))}
+        self.sink.write(replace(report, metrics=keep))
+
+
+def _calling_trainer() -> tuple[Any | None, str | None]:
+    """The ``Trainer`` whose callback handler calls us, and its ``resume_from_checkpoint`` (stack walk)."""
     frame = sys._getframe(1)
     while frame is not None:
         obj = frame.f_locals.get("self")
         if isinstance(obj, transformers.Trainer):
-            return obj
+            resume = frame.f_locals.get("resume_from_checkpoint")
+            return obj, resume if isinstance(resume, str) else None
         frame = frame.f_back
-    return None
+    return None, None
 
 
-class SpectralMonitorCallback(TrainerCallback):
+class SpectralMonitorCallback(transformers.TrainerCallback):
     """Spectral monitoring for ``transformers.Trainer`` (and every TRL trainer built on it).
 
     ``config``: a :class:`MonitorConfig`, or its fields as keyword arguments
-    (``SpectralMonitorCallback(every_n_steps=50)``). ``sinks``: extra sinks beyond the automatic
-    ones; ``report_to_sinks=False`` turns the automatic W&B/TensorBoard/JSONL sinks off.
-    ``rules`` / ``early_stop``: alert rules and whether they may stop training.
-    ``trainer``: optional; found automatically when training starts.
+    (``SpectralMonitorCallback(every_n_steps=50)``). ``sinks``: extra sinks; ``report_to_sinks=False``
+    turns the automatic W&B/TensorBoard/JSONL sinks off. ``rules`` / ``early_stop``: alert rules and
+    whether they may stop training; ``save_on_stop``: save a checkpoint at that step. ``trainer``:
+    optional, found automatically when training starts. After training, ``run`` holds the
+    :class:`MonitorRun` and ``last_decision`` the last measurement.
     """
 
     def __init__(
@@ -74,9 +105,9 @@ class SpectralMonitorCallback(TrainerCallback):
         trainer: Any = None,
         **kwargs: Any,
     ) -> None:
-        self.config = config if config is not None else MonitorConfig(**kwargs)
         if config is not None and kwargs:
             raise TypeError("pass either config=MonitorConfig(...) or keyword arguments, not both")
+        self.config = config if config is not None else MonitorConfig(**kwargs)
         self.extra_sinks = list(sinks or [])
         self.rules = rules
         self.early_stop = early_stop
@@ -87,137 +118,110 @@ class SpectralMonitorCallback(TrainerCallback):
         self.last_decision = Decision()
         self._base_path: Path | None = None
 
-    # ------------------------------------------------------------- plumbing
     def attach(self, trainer: Any) -> SpectralMonitorCallback:
         """Give the callback its trainer explicitly (optional)."""
         self.trainer = trainer
         return self
 
     def reference_model(self, model: nn.Module) -> nn.Module | None:
-        """The module holding the base weights, if the trainer already keeps one (TRL overrides)."""
+        """The module holding the base weights, if the trainer keeps one (the TRL adapter overrides this)."""
         return None
 
-    def _unwrap(self, model: nn.Module) -> nn.Module:
-        return (
-            getattr(model, "module", model) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-        )
-
-    def _auto_sinks(self, args: Any) -> list[Sink]:
-        sinks: list[Sink] = [JsonlSink(Path(args.output_dir) / MONITOR_DIR / "metrics.jsonl")]
-        report_to = args.report_to if isinstance(args.report_to, list) else [args.report_to]
-        if "wandb" in report_to:
+    def _auto_sinks(self, args: Any, fresh: bool) -> list[Sink]:
+        path = Path(args.output_dir) / MONITOR_DIR / "metrics.jsonl"
+        if fresh and path.exists():  # an earlier run in this output_dir: keep its log, start a new one
+            path.rename(path.with_name(f"metrics.{time.time_ns()}.jsonl"))
+        sinks: list[Sink] = [JsonlSink(path)]
+        for cb in getattr(getattr(self.trainer, "callback_handler", None), "callbacks", []):
+            name = type(cb).__name__
             wandb = sys.modules.get("wandb")
-            if wandb is not None and wandb.run is not None:
+            if name == "WandbCallback" and wandb is not None and wandb.run is not None:
                 from spectral_monitor.sinks.wandb import WandbSink
 
-                sinks.append(LayerMetricsOnly(WandbSink(wandb.run, step_key="train/global_step")))
-        handler = getattr(self.trainer, "callback_handler", None)
-        for cb in getattr(handler, "callbacks", []):
-            writer = getattr(cb, "tb_writer", None)
-            if type(cb).__name__ == "TensorBoardCallback" and writer is not None:
+                sinks.append(_NotTrainerKeys(WandbSink(wandb.run, step_key="train/global_step")))
+            elif name == "TensorBoardCallback" and getattr(cb, "tb_writer", None) is not None:
                 from spectral_monitor.sinks.tensorboard import TensorBoardSink
 
-                sinks.append(LayerMetricsOnly(TensorBoardSink(writer=writer)))
+                sinks.append(_NotTrainerKeys(TensorBoardSink(writer=cb.tb_writer)))
         return sinks
 
-    def _log(self, control: Any, metrics: dict[str, float]) -> None:
-        """Emit through ``transformers.Trainer.log`` without losing the step's own log line.
-
-        The base method is called (TRL's override would swallow its buffered reward metrics),
-        and ``control.should_log`` is restored (``on_log`` resets it, which would drop the loss).
-        """
-        if not metrics or self.trainer is None:
-            return
-        should_log = control.should_log
-        transformers.Trainer.log(self.trainer, dict(metrics))
-        control.should_log = should_log
-
-    # ---------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.trainer is None:
-            self.trainer = find_trainer()
-        model = self._unwrap(model)
-        sinks = (self._auto_sinks(args) if self.report_to_sinks else []) + self.extra_sinks
+        trainer, resume_path = _calling_trainer()
+        self.trainer = trainer or self.trainer
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        self._base_path = None
+        fresh = state.global_step == 0 and state.is_world_process_zero
         self.run = MonitorRun(
             model,
             self.config,
-            sinks=sinks,
+            sinks=(self._auto_sinks(args, fresh) if self.report_to_sinks else []) + self.extra_sinks,
             rules=self.rules,
             early_stop=self.early_stop,
             reference=self.reference_model(model),
             is_main=state.is_world_process_zero,
         )
-        if state.global_step > 0 and self._resume(args, state):
-            self.run.start(snapshot=False)
-        else:
-            if state.global_step > 0:
-                log.warning(
-                    "spectral_monitor: resumed at step %d but found no %s in the checkpoint; the base "
-                    "is taken NOW, so updates are measured from the resume point, not the original base",
-                    state.global_step,
-                    STATE_FILE,
-                )
-            self.run.start()
+        ckpt = Path(resume_path or Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        if state.global_step > 0 and not self._resume(ckpt):
+            log.warning(
+                "spectral_monitor: resumed at step %d without %s; the base is taken NOW, so updates are "
+                "measured from the resume point, not from the original base",
+                state.global_step,
+                ckpt / STATE_FILE,
+            )
+        self.run.start()  # snapshots only when no base was restored
         return control
 
-    def _resume(self, args, state) -> bool:
-        path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
-        if not path.exists():
+    def _resume(self, ckpt: Path) -> bool:
+        if not (ckpt / STATE_FILE).exists():
             return False
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        self.run.load_state_dict(saved["run"])
-        base = saved.get("base_path")
-        if base is not None:
-            self._base_path = Path(base)
-            kind = (
-                "disk"
-                if self.config.base_store == "disk"
-                else "device"
-                if self.config.base_store == "auto"
-                else self.config.base_store
-            )
-            self.run.monitor.set_base(load_store(base, kind, self.run.monitor.specs))
-        elif not self.run.monitor.has_base:
-            self.run.monitor.snapshot()  # reference model or LoRA: the base is still in the model
-        log.info("spectral_monitor: resumed from %s (base %s)", path, base or "reference/LoRA")
+        saved = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        if saved.get("base_path") is not None:  # else: reference model or LoRA factors, still in the trainer
+            found = [p for p in (Path(saved["base_path"]), ckpt.parent / MONITOR_DIR / BASE_FILE) if p.exists()]
+            if not found:
+                return False
+            kind = "device" if self.config.base_store in ("auto", "reference") else self.config.base_store
+            self.run.monitor.set_base(load_store(found[0], kind, self.run.monitor.specs))
+            self._base_path = found[0]
+        self.run.load_state_dict(saved["run"])  # after set_base, which would drop the cached base facts
+        log.info("spectral_monitor: resumed from %s (base %s)", ckpt, self._base_path or "reference/LoRA")
         return True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.run is not None and logs:
-            self.run.record_context({k: v for k, v in logs.items() if not k.startswith("spectral/")})
+            self.run.record_context({k: v for k, v in logs.items() if not k.startswith(f"{PREFIX}/")})
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.run is None:
             return control
-        final = state.max_steps > 0 and state.global_step >= state.max_steps
+        final = control.should_training_stop or (state.max_steps > 0 and state.global_step >= state.max_steps)
         decision = self.run.on_optimizer_step(state.global_step, final=final)
         if not decision.measured:
             return control
         self.last_decision = decision
-        self._log(control, decision.summary())
+        logs = {k: v for k, v in decision.summary().items() if to_trainer_log(k)}
+        if logs and self.trainer is not None:
+            should_log = control.should_log  # Trainer.log -> on_log resets it: the loss line would be lost
+            transformers.Trainer.log(self.trainer, logs)
+            control.should_log = should_log
         if decision.stop:
             for reason in decision.reasons:
-                log.warning("spectral_monitor: stopping training: %s", reason)
+                log.warning("spectral_monitor: stopping training at step %d: %s", state.global_step, reason)
             control.should_training_stop = True
-            if self.save_on_stop:
-                control.should_save = True
+            control.should_save = control.should_save or (self.save_on_stop and args.save_strategy != "no")
         return control
 
     def on_save(self, args, state, control, **kwargs):
         if self.run is None or not state.is_world_process_zero:
             return control
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         store = self.run.monitor.store
         if store is not None and store.kind != "reference" and self._base_path is None:
-            self._base_path = persist(
-                store, self.run.monitor.specs, Path(args.output_dir) / MONITOR_DIR / "base.safetensors"
-            )
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            self._base_path = persist(store, self.run.monitor.specs, Path(args.output_dir) / MONITOR_DIR / BASE_FILE)
         if ckpt.is_dir():
-            torch.save(
-                {"run": self.run.state_dict(), "base_path": str(self._base_path) if self._base_path else None},
-                ckpt / STATE_FILE,
-            )
+            base = str(self._base_path) if self._base_path else None
+            torch.save({"run": self.run.state_dict(), "base_path": base}, ckpt / STATE_FILE)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):

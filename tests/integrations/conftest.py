@@ -1,0 +1,70 @@
+"""Shared tiny-model fixtures for the framework integration tests (no downloads).
+
+* ``tiny_gpt2(**overrides)``: a factory returning a fresh, seeded ``GPT2LMHeadModel`` built from
+  ``GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=14, n_positions=32)``, dropout off, float32.
+* ``char_tokenizer``: a character-level ``PreTrainedTokenizerFast`` over ``<pad>``, ``<eos>``, the
+  digits, ``+`` and ``=`` (14 tokens), for the tiny addition task (``"07+12="`` -> ``"19<eos>"``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Integration tests must never reach the network or a logged-in W&B account.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = ["<pad>", "<eos>", *"0123456789", "+", "="]
+
+
+def build_char_tokenizer():
+    """The 14-token character tokenizer of the addition task."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def build_tiny_gpt2(seed: int = 0, **overrides):
+    """A seeded tiny GPT-2 (float32, dropout 0); ``overrides`` go to ``GPT2Config``."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = {
+        "n_layer": 2,
+        "n_embd": 64,
+        "n_head": 4,
+        "vocab_size": len(VOCAB),
+        "n_positions": 32,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+        **overrides,
+    }
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**cfg))
+
+
+@pytest.fixture
+def tiny_gpt2():
+    """Factory: ``tiny_gpt2(seed=0, **config_overrides) -> GPT2LMHeadModel``."""
+    pytest.importorskip("transformers")
+    return build_tiny_gpt2
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    """The 14-token character tokenizer (``<pad>``=0, ``<eos>``=1, digits, ``+``, ``=``)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    return build_char_tokenizer()

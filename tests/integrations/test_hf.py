@@ -1,0 +1,301 @@
+"""SpectralMonitorCallback driving the real ``transformers.Trainer`` on a tiny GPT-2 (CPU).
+
+Data: fixed-width addition strings (``"07+12=019<eos>"``, 10 tokens, no padding) tokenized with the
+character tokenizer, language-modelled on every token.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from spectral_monitor.alerts import Rank1Collapse  # noqa: E402
+from spectral_monitor.integrations.hf import SpectralMonitorCallback  # noqa: E402
+from spectral_monitor.layers import select_layers  # noqa: E402
+from spectral_monitor.sinks.jsonl import read_jsonl  # noqa: E402
+from tests.integrations.conftest import build_char_tokenizer  # noqa: E402
+
+LAYER = "transformer.h.0.attn.c_attn"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: these models are tiny, and on a shared 2-core box two threads mostly contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class AdditionLM(torch.utils.data.Dataset):
+    """``n`` fixed-width addition strings as causal-LM examples."""
+
+    def __init__(self, n: int = 256, seed: int = 0) -> None:
+        tok = build_char_tokenizer()
+        rng = random.Random(seed)
+        texts = []
+        for _ in range(n):
+            a, b = rng.randrange(100), rng.randrange(100)
+            texts.append(f"{a:02d}+{b:02d}={a + b:03d}<eos>")
+        self.ids = torch.tensor([tok(t)["input_ids"] for t in texts])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def make_args(out, **overrides) -> transformers.TrainingArguments:
+    kw = {
+        "output_dir": str(out),
+        "max_steps": 6,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 3e-3,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 3,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+    }
+    kw.update(overrides)
+    return transformers.TrainingArguments(**kw)
+
+
+def jsonl(out) -> list:
+    return read_jsonl(out / "spectral_monitor" / "metrics.jsonl")
+
+
+def hand_update_norms(model, base_model) -> dict[str, float]:
+    """‖W_t − W_0‖_F of every monitored layer, straight from the two models."""
+    base = dict(base_model.named_parameters())
+    return {
+        s.name: float((s.parameter().detach().float() - base[s.param_name].detach().float()).norm())
+        for s in select_layers(model)
+    }
+
+
+class Crash(transformers.TrainerCallback):
+    """Raises after step ``at`` (a killed job)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt(f"killed at step {self.at}")
+
+
+class PlantRank1(transformers.TrainerCallback):
+    """At step ``at`` adds ``scale``·u vᵀ to every monitored weight (a planted rank-1 divergence)."""
+
+    def __init__(self, at: int, scale: float = 50.0) -> None:
+        self.at, self.scale = at, scale
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step != self.at:
+            return
+        g = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            for spec in select_layers(model):
+                w = spec.parameter()
+                u = torch.randn(w.shape[0], 1, generator=g)
+                v = torch.randn(1, w.shape[1], generator=g)
+                w.add_(self.scale * (u / u.norm()) @ (v / v.norm()))
+
+
+@pytest.mark.slow
+def test_metrics_reach_every_backend_at_the_measurement_steps(tmp_path, monkeypatch, tiny_gpt2):
+    wandb = pytest.importorskip("wandb")
+    pytest.importorskip("tensorboard")
+    from tests.readers import read_tensorboard_scalars, read_wandb_history
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_PROJECT", "spectral-monitor-tests")
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    out = tmp_path / "out"
+    cb = SpectralMonitorCallback(every_n_steps=3)
+    args = make_args(out, max_steps=7, report_to=["tensorboard", "wandb"])
+    trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=AdditionLM(), callbacks=[cb])
+    try:
+        trainer.train()
+    finally:
+        wandb.finish()
+    expected = [1, 3, 6, 7]  # every 3 steps, plus the first and the last
+
+    tb = read_tensorboard_scalars(tmp_path / "tb")
+    assert [s for s, _ in tb["train/spectral/model/rho1_mean"]] == expected  # via Trainer.log
+    assert [s for s, _ in tb[f"spectral/rho1/{LAYER}"]] == expected  # via the sink
+    assert [s for s, _ in tb["train/loss"]] == [3, 6]
+    assert "train/spectral/model/rho1_median" not in tb and "spectral/model/rho1_median" in tb  # never twice
+
+    rows = read_wandb_history(tmp_path)
+    assert [r["train/global_step"] for r in rows if "train/spectral/model/rho1_mean" in r] == expected
+    assert [r["train/global_step"] for r in rows if f"spectral/rho1/{LAYER}" in r] == expected
+    assert [r["train/global_step"] for r in rows if "train/loss" in r] == [3, 6]
+
+    reports = jsonl(out)
+    assert [r.step for r in reports] == expected
+    hist = {e["step"]: e for e in trainer.state.log_history if "spectral/model/rho1_mean" in e}
+    for r in reports:  # the same numbers everywhere
+        assert hist[r.step]["spectral/model/rho1_mean"] == pytest.approx(r.metrics["spectral/model/rho1_mean"])
+        assert dict(tb[f"spectral/rho1/{LAYER}"])[r.step] == pytest.approx(r.metrics[f"spectral/rho1/{LAYER}"])
+
+
+def test_loss_line_kept_on_measurement_steps(tmp_path, tiny_gpt2):
+    cb = SpectralMonitorCallback(every_n_steps=2, report_to_sinks=False)
+    args = make_args(tmp_path, logging_steps=2)
+    trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=AdditionLM(), callbacks=[cb])
+    trainer.train()
+    hist = trainer.state.log_history
+    assert [e["step"] for e in hist if "loss" in e] == [2, 4, 6]
+    assert [e["step"] for e in hist if "spectral/model/rho1_mean" in e] == [1, 2, 4, 6]
+    assert not any("loss" in e and "spectral/model/rho1_mean" in e for e in hist)  # separate lines
+
+
+def test_a_second_fresh_run_starts_a_new_log(tmp_path, tiny_gpt2):
+    for steps in (5, 3):
+        cb = SpectralMonitorCallback(every_n_steps=2, report_to_sinks=True)
+        args = make_args(tmp_path, max_steps=steps)
+        transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=AdditionLM(), callbacks=[cb]).train()
+    assert [r.step for r in jsonl(tmp_path)] == [1, 2, 3]  # not mixed with the first run's step 4 and 5
+    (old,) = (tmp_path / "spectral_monitor").glob("metrics.*.jsonl")
+    assert [r.step for r in read_jsonl(old)] == [1, 2, 4, 5]
+
+
+def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path, tiny_gpt2):
+    calls = []
+    cb = SpectralMonitorCallback(every_n_steps=2)
+    args = make_args(tmp_path, max_steps=5, gradient_accumulation_steps=3, per_device_train_batch_size=4)
+    model = tiny_gpt2()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=AdditionLM(), callbacks=[cb])
+    real = None
+
+    class Spy(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            nonlocal real
+            real = cb.run.on_optimizer_step
+            cb.run.on_optimizer_step = lambda step, **kw: (calls.append(step), real(step, **kw))[1]
+
+    trainer.add_callback(Spy())
+    trainer.train()
+    assert calls == [1, 2, 3, 4, 5]  # once per optimizer step, not per micro-batch (15 of them)
+    reports = jsonl(tmp_path)
+    assert [r.step for r in reports] == [1, 2, 4, 5]
+    want = hand_update_norms(model, tiny_gpt2())
+    got = reports[-1].layer_values("update_norm")
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_planted_divergence_stops_training(tmp_path, tiny_gpt2, caplog):
+    cb = SpectralMonitorCallback(every_n_steps=2, early_stop=True, rules=[Rank1Collapse(patience=1)])
+    args = make_args(tmp_path, max_steps=12, save_strategy="steps", save_steps=100)
+    trainer = transformers.Trainer(
+        model=tiny_gpt2(), args=args, train_dataset=AdditionLM(), callbacks=[PlantRank1(at=4), cb]
+    )
+    with caplog.at_level(logging.WARNING, logger="spectral_monitor"):
+        trainer.train()
+    assert trainer.state.global_step == 4
+    assert cb.last_decision.stop and cb.last_decision.report.step == 4
+    assert "stopping training at step 4" in caplog.text and "rank1_collapse" in caplog.text
+    assert [r.step for r in jsonl(tmp_path)] == [1, 2, 4]
+    assert (tmp_path / "checkpoint-4").is_dir()  # save_on_stop
+    assert any(e.get("spectral/alert/rank1_collapse") == 1.0 for e in trainer.state.log_history)
+
+
+def test_resume_continues_steps_against_the_original_base(tmp_path, tiny_gpt2):
+    kw = {"max_steps": 12, "save_strategy": "steps", "save_steps": 4, "logging_steps": 4}
+    # uninterrupted reference run
+    ref_dir = tmp_path / "ref"
+    full = transformers.Trainer(
+        model=tiny_gpt2(),
+        args=make_args(ref_dir, **kw),
+        train_dataset=AdditionLM(),
+        callbacks=[SpectralMonitorCallback(every_n_steps=3)],
+    )
+    full.train()
+    # killed after step 6 (last checkpoint: 4), then resumed by a fresh Trainer + callback
+    out = tmp_path / "run"
+    first = transformers.Trainer(
+        model=tiny_gpt2(),
+        args=make_args(out, **kw),
+        train_dataset=AdditionLM(),
+        callbacks=[SpectralMonitorCallback(every_n_steps=3), Crash(at=6)],
+    )
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    assert [r.step for r in jsonl(out)] == [1, 3, 6]
+    model = tiny_gpt2(seed=99)  # weights come from the checkpoint
+    cb = SpectralMonitorCallback(every_n_steps=3)
+    resumed = transformers.Trainer(model=model, args=make_args(out, **kw), train_dataset=AdditionLM(), callbacks=[cb])
+    resumed.train(resume_from_checkpoint=True)
+    assert not resumed.args.restore_callback_states_from_checkpoint
+    assert resumed.state.global_step == 12
+    reports = jsonl(out)
+    assert [r.step for r in reports] == [1, 3, 6, 9, 12]  # step 6 re-measured once, nothing missing
+    raw = read_jsonl(out / "spectral_monitor" / "metrics.jsonl", dedupe=False)
+    assert sorted(r.step for r in raw) == [1, 3, 6, 6, 9, 12]
+    got = reports[-1].layer_values("update_norm")
+    assert got == pytest.approx(hand_update_norms(model, tiny_gpt2()), rel=1e-4)  # vs the ORIGINAL W_0
+    ref = jsonl(ref_dir)[-1].layer_values("update_norm")
+    assert got == pytest.approx(ref, rel=1e-3)
+    assert cb.run.monitor.last_step == 12 and cb.run.monitor.measurements == 5
+
+
+def test_monitor_does_not_change_training(tmp_path, tiny_gpt2):
+    def run(callbacks, out):
+        model = tiny_gpt2(resid_pdrop=0.1, attn_pdrop=0.1)  # dropout on: any draw from the RNG shows in the losses
+        args = make_args(out, max_steps=8, logging_steps=1)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=AdditionLM(), callbacks=callbacks)
+        trainer.train()
+        return [e["loss"] for e in trainer.state.log_history if "loss" in e], model, torch.get_rng_state()
+
+    losses_off, model_off, rng_off = run([], tmp_path / "off")
+    losses_on, model_on, rng_on = run([SpectralMonitorCallback(every_n_steps=1)], tmp_path / "on")
+    assert len(losses_on) == 8 and len(jsonl(tmp_path / "on")) == 8
+    assert losses_on == losses_off  # bit-identical: no RNG draw, no weight touched
+    assert torch.equal(rng_on, rng_off)
+    for (name, a), b in zip(model_off.state_dict().items(), model_on.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_rng_check_has_teeth(tmp_path, tiny_gpt2):
+    """The check above would see a callback that draws from the global RNG."""
+
+    class Draws(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.randn(1)
+
+    def losses(callbacks, out):
+        args = make_args(out, max_steps=3, logging_steps=1)
+        model = tiny_gpt2(resid_pdrop=0.1, attn_pdrop=0.1)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=AdditionLM(), callbacks=callbacks)
+        trainer.train()
+        return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+    assert losses([], tmp_path / "a") != losses([Draws()], tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_recipe_hf_trainer_quick(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "integrations" / "hf_trainer.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "measured at steps [1, 4, 8, 12]" in proc.stdout
+    assert [r.step for r in jsonl(tmp_path)] == [1, 4, 8, 12]
