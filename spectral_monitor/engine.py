@@ -70,6 +70,18 @@ INTRUDER_TOP = 10
 INTRUDER_OVERSAMPLE = 5
 
 
+def _sampled_sparsity(delta: Tensor, W: Tensor, B0: Tensor, eta: float, samples: int = 1 << 16) -> Tensor:
+    """:func:`sparsity` on an evenly strided sample of at most ``samples`` entries (all of a small
+    layer), with a stride coprime to the row length: a share, so 65,536 samples give it to about
+    ±0.4 % (2 standard errors) at a fraction of the
+    memory traffic of a full elementwise pass."""
+    stride = max(1, delta.numel() // samples)
+    while stride > 1 and math.gcd(stride, delta.shape[-1]) != 1:
+        stride += 1  # coprime with the row length: the sample walks through every column
+    pick = [t.reshape(1, -1)[:, ::stride] for t in (delta, W.to(delta.device), B0)]
+    return sparsity(*pick, eta=eta)
+
+
 def _check_shapes(spec: LayerSpec, W: Tensor, B0: Tensor) -> None:
     if W.shape != B0.shape or tuple(W.shape) != spec.shape:
         raise BaseMismatchError(
@@ -267,7 +279,7 @@ class SpectralMonitor:
                 groups[("lora",)].append(spec)
             else:
                 p = spec.parameter()
-                groups[(spec.shape, p.device, self._state(spec).rank)].append(spec)
+                groups[(spec.shape, spec.transposed, p.device, self._state(spec).rank)].append(spec)
         out = []
         for key, specs in groups.items():
             if key[0] == "lora":
@@ -337,33 +349,42 @@ class SpectralMonitor:
         full: bool,
         prefetch: _Prefetch | None,
     ) -> _Parts:
-        """Batched path: ΔW of every layer of the chunk formed in one float32 buffer (within budget)."""
+        """Batched path: ΔW of every layer of the chunk formed in one float32 buffer (within budget).
+
+        The buffer keeps the parameters' storage layout (HF Conv1D: ``(in, out)``), so filling it is
+        contiguous; the decomposition works on its canonical ``(out, in)`` view (BLAS takes the
+        transpose for free). Non-finite weights show up as a non-finite ‖ΔW‖_F (no extra pass).
+        """
         cfg = self.config
         m, n = chunk[0].shape
         b = len(chunk)
         states = [self._state(s) for s in chunk]
-        D = torch.empty(b, m, n, dtype=torch.float32, device=device)
-        Wt = torch.empty_like(D) if cfg.intruders else None
+        transposed = chunk[0].transposed
+        buf = torch.empty(b, *((n, m) if transposed else (m, n)), dtype=torch.float32, device=device)
+        wbuf = torch.empty_like(buf) if cfg.intruders else None
         spars = torch.empty(b, device=device)
-        base_fro = torch.empty(b, device=device)
+        base_fro = torch.zeros(b, device=device)
         for i, spec in enumerate(chunk):
-            W = spec.canonical(spec.parameter().detach())
-            B0 = spec.canonical(prefetch.get(spec) if prefetch is not None else self.store.get(spec, device))
-            _check_shapes(spec, W, B0)
-            D[i].copy_(W)
-            if Wt is not None:
-                Wt[i].copy_(D[i])
-            D[i].sub_(B0)
-            spars[i] = sparsity(D[i], W.to(device), B0, eta=cfg.sparsity_eta)
-            base_fro[i] = torch.linalg.vector_norm(B0, dtype=torch.float32)
-        finite = torch.isfinite(D).flatten(1).all(dim=1)
-        if Wt is not None:
-            finite &= torch.isfinite(Wt).flatten(1).all(dim=1)
-        finite_list = finite.tolist()
+            W = spec.parameter().detach()
+            B0 = prefetch.get(spec) if prefetch is not None else self.store.get(spec, device)
+            _check_shapes(spec, spec.canonical(W), spec.canonical(B0))
+            buf[i].copy_(W)
+            if wbuf is not None:
+                wbuf[i].copy_(buf[i])
+            buf[i].sub_(B0)
+            spars[i] = _sampled_sparsity(buf[i], W, B0, cfg.sparsity_eta)
+            if states[i].base_fro is None:
+                base_fro[i] = torch.linalg.vector_norm(B0, dtype=torch.float32)
+        fro = frobenius_sq(buf)
+        finite_list = torch.isfinite(fro).tolist()
         if not all(finite_list):
-            D[~finite] = 0.0
-            if Wt is not None:
-                Wt[~finite] = 0.0
+            bad = ~torch.isfinite(fro)
+            buf[bad] = 0.0
+            fro[bad] = 0.0
+            if wbuf is not None:
+                wbuf[bad] = 0.0
+        D = buf.mT if transposed else buf
+        Wt = None if wbuf is None else wbuf.mT if transposed else wbuf
         niter = cfg.niter if init is None or cfg.warm_niter is None else cfg.warm_niter
         U, S, V = randomized_svd(D, rank, niter=niter, oversample=cfg.oversample, init=init, generator=gen)
         self._base_u(states, (Wt - D) if Wt is not None else self._stack_base(chunk, device), gen)
@@ -371,12 +392,8 @@ class SpectralMonitor:
         if Wt is not None:
             top = min(INTRUDER_TOP, m, n)
             init_t = torch.stack([st.base_v.to(device) for st in states])  # W_t ≈ W_0: start from its subspace
-            Ut, _, _ = randomized_svd(
-                Wt, top, niter=cfg.niter, oversample=INTRUDER_OVERSAMPLE, init=init_t, generator=gen
-            )
-        return _Parts(
-            U, S, V, frobenius_sq(D), spars, base_fro, finite_list, Ut, full_singular_values(D) if full else None
-        )
+            Ut, _, _ = randomized_svd(Wt, top, niter=niter, oversample=INTRUDER_OVERSAMPLE, init=init_t, generator=gen)
+        return _Parts(U, S, V, fro, spars, base_fro, finite_list, Ut, full_singular_values(D) if full else None)
 
     def _stack_base(self, chunk: list[LayerSpec], device: torch.device) -> Tensor:
         return torch.stack([c.canonical(self.store.get(c, device)).float() for c in chunk])

@@ -353,7 +353,9 @@ def test_over_budget_layer_streams_rows_and_agrees_with_the_batched_path(dtype):
         set_canonical(mon, "q_proj", W0 + spike)
         results.append(mon.measure(1))
     streamed, batched = results
-    for metric in ("update_norm", "update_rel", "sigma1", "rho1", "sparsity", "align_base", "intruders"):
+    # sparsity: exact when streamed, from a 65,536-entry strided sample in the batched path
+    assert val(streamed, "sparsity", "q_proj") == pytest.approx(val(batched, "sparsity", "q_proj"), abs=5e-3)
+    for metric in ("update_norm", "update_rel", "sigma1", "rho1", "align_base", "intruders"):
         expected = pytest.approx(val(batched, metric, "q_proj"), rel=1e-4, abs=1e-6)
         assert val(streamed, metric, "q_proj") == expected, metric
 
