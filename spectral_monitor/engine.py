@@ -368,10 +368,13 @@ class SpectralMonitor:
             W = spec.parameter().detach()
             B0 = prefetch.get(spec) if prefetch is not None else self.store.get(spec, device)
             _check_shapes(spec, spec.canonical(W), spec.canonical(B0))
-            buf[i].copy_(W)
+            if W.dtype == B0.dtype == torch.float32 and W.device == device:
+                torch.sub(W, B0, out=buf[i])  # one fused pass
+            else:  # upcast first: a low-precision difference would round ΔW
+                buf[i].copy_(W)
+                buf[i].sub_(B0)
             if wbuf is not None:
-                wbuf[i].copy_(buf[i])
-            buf[i].sub_(B0)
+                wbuf[i].copy_(W)
             spars[i] = _sampled_sparsity(buf[i], W, B0, cfg.sparsity_eta)
             if states[i].base_fro is None:
                 base_fro[i] = torch.linalg.vector_norm(B0, dtype=torch.float32)
@@ -387,7 +390,8 @@ class SpectralMonitor:
         Wt = None if wbuf is None else wbuf.mT if transposed else wbuf
         niter = cfg.niter if init is None or cfg.warm_niter is None else cfg.warm_niter
         U, S, V = randomized_svd(D, rank, niter=niter, oversample=cfg.oversample, init=init, generator=gen)
-        self._base_u(states, (Wt - D) if Wt is not None else self._stack_base(chunk, device), gen)
+        if any(s.base_u is None for s in states):  # first measurement only: W_0's SVD is cached
+            self._base_u(states, (Wt - D) if Wt is not None else self._stack_base(chunk, device), gen)
         Ut = None
         if Wt is not None:
             top = min(INTRUDER_TOP, m, n)
@@ -533,7 +537,7 @@ class SpectralMonitor:
             values[spec.name] = vals
             report.spectra[spec.name] = S_cpu[i]
             if cfg.adaptive_rank and not full and out_cpu["_covered"][i] == 0.0 and not zero:
-                st.rank = min(2 * st.rank, cfg.max_rank, min(m, n))
+                st.rank = max(st.rank, min(2 * st.rank, cfg.max_rank, min(m, n) // 4))
         return values
 
     def _measure_lora(self, spec: LayerSpec, report: StepReport) -> dict[str, dict[str, float]]:
