@@ -91,10 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nper-layer spectrum of the update at step {last.step} (from {out / 'metrics.jsonl'}):")
     print(f"{'layer':>6} {'|dW|/|W0|':>10} {'rho1':>6} {'erank':>7} {'alpha':>6} {'align_prev':>10} {'intruders':>9}")
     for layer in last.layers:
-        v = {m: last.metrics.get(f"spectral/{m}/{layer}", float("nan")) for m in
-             ("update_rel", "rho1", "erank", "alpha", "align_prev", "intruders")}
-        print(f"{layer:>6} {v['update_rel']:>10.4f} {v['rho1']:>6.3f} {v['erank']:>7.2f} {v['alpha']:>6.2f} "
-              f"{v['align_prev']:>10.3f} {v['intruders']:>9.0f}")
+        v = {
+            m: last.metrics.get(f"spectral/{m}/{layer}", float("nan"))
+            for m in ("update_rel", "rho1", "erank", "alpha", "align_prev", "intruders")
+        }
+        print(
+            f"{layer:>6} {v['update_rel']:>10.4f} {v['rho1']:>6.3f} {v['erank']:>7.2f} {v['alpha']:>6.2f} "
+            f"{v['align_prev']:>10.3f} {v['intruders']:>9.0f}"
+        )
     print(f"task A loss after fine-tuning: {task_a_loss():.3f} (forgetting shows as a rise)")
     print(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}" if len(sinks) > 2 else "")
     return 0

@@ -121,8 +121,7 @@ def read_wandb_history(path: str | Path, *, wait_s: float = 10.0) -> list[dict[s
 def read_wandb_alerts(path: str | Path, *, wait_s: float = 10.0) -> list[dict[str, Any]]:
     """``run.alert`` calls: ``{"title", "text", "level", "wait_duration"}`` (ms)."""
     return [
-        {"title": r.alert.title, "text": r.alert.text, "level": r.alert.level,
-         "wait_duration": r.alert.wait_duration}
+        {"title": r.alert.title, "text": r.alert.text, "level": r.alert.level, "wait_duration": r.alert.wait_duration}
         for r in read_wandb_records(path, wait_s=wait_s)
         if r.WhichOneof("record_type") == "alert"
     ]
@@ -194,10 +193,7 @@ def read_tensorboard_scalars(logdir: str | Path) -> dict[str, list[tuple[int, fl
 
 def read_tensorboard_histograms(logdir: str | Path) -> dict[str, list[tuple[int, Any]]]:
     """``{tag: [(step, HistogramValue), ...]}``; a value has min, max, num, sum, bucket(_limit)."""
-    return {
-        tag: [(s, e.histogram_value) for s, e in ev]
-        for tag, ev in _tagged(logdir, "histograms").items()
-    }
+    return {tag: [(s, e.histogram_value) for s, e in ev] for tag, ev in _tagged(logdir, "histograms").items()}
 
 
 def read_tensorboard_texts(logdir: str | Path) -> dict[str, list[tuple[int, str]]]:

@@ -372,9 +372,7 @@ def test_rank_k_probe_keys_values_and_no_side_effects():
     # the values go into the run's context and come out in the next report
     run.record_context(probe)
     report = run.on_optimizer_step(25).report
-    assert report.metrics["spectral/probe/rank1/loss_share"] == pytest.approx(
-        probe["spectral/probe/rank1/loss_share"]
-    )
+    assert report.metrics["spectral/probe/rank1/loss_share"] == pytest.approx(probe["spectral/probe/rank1/loss_share"])
 
 
 def test_probe_share_is_nan_without_a_gain_and_arguments_are_checked():

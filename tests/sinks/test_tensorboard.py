@@ -24,17 +24,28 @@ pytest.importorskip("tensorboard")
 
 LAYERS = ["h.0.attn.c_attn", "h.0.mlp.c_fc", "h.1.attn.c_attn"]
 STEPS = [5, 10, 20]
-ALERT = Alert(rule="rho1_collapse", step=20, reason="rho1 > 0.9 for 2 measurements",
-              message="The update collapsed onto one direction.", layers=("h.0.mlp.c_fc",), stop=True)
+ALERT = Alert(
+    rule="rho1_collapse",
+    step=20,
+    reason="rho1 > 0.9 for 2 measurements",
+    message="The update collapsed onto one direction.",
+    layers=("h.0.mlp.c_fc",),
+    stop=True,
+)
 
 
 def make_report(i: int, step: int) -> StepReport:
     """Report ``i``: dyadic values (exact in float32); ``erank`` appears only in the last one."""
     metrics = ["rho1", "alpha", "update_norm"] + (["erank"] if i == 2 else [])
-    values = {f"spectral/{m}/{layer}": step / 4 + j / 8 + k
-              for k, m in enumerate(metrics) for j, layer in enumerate(LAYERS)}
-    values |= {"spectral/model/rho1_mean": step / 16, "spectral/model/alpha_max": 3.0 + i,
-               "spectral/model/rho1_mean/attn": step / 32, "spectral/monitor/measure_s": 0.25}
+    values = {
+        f"spectral/{m}/{layer}": step / 4 + j / 8 + k for k, m in enumerate(metrics) for j, layer in enumerate(LAYERS)
+    }
+    values |= {
+        "spectral/model/rho1_mean": step / 16,
+        "spectral/model/alpha_max": 3.0 + i,
+        "spectral/model/rho1_mean/attn": step / 32,
+        "spectral/monitor/measure_s": 0.25,
+    }
     spectra = {layer: torch.linspace(step, 1.0, 6) / (j + 1) for j, layer in enumerate(LAYERS)}
     return StepReport(step=step, metrics=values, spectra=spectra, alerts=[ALERT] if i == 2 else [])
 
@@ -149,8 +160,11 @@ def test_missing_tensorboard_names_the_extra(monkeypatch):
 
 
 def test_module_import_does_not_import_backends():
-    code = ("import sys, spectral_monitor.sinks.tensorboard, spectral_monitor.sinks.wandb; "
-            "print(sorted({'tensorboard', 'wandb'} & set(sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[2])
+    code = (
+        "import sys, spectral_monitor.sinks.tensorboard, spectral_monitor.sinks.wandb; "
+        "print(sorted({'tensorboard', 'wandb'} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2]
+    )
     assert out.stdout.strip() == "[]"

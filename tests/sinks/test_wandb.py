@@ -22,17 +22,29 @@ wandb = pytest.importorskip("wandb")
 
 LAYERS = ["h.0.attn.c_attn", "h.0.mlp.c_fc", "h.1.attn.c_attn"]
 STEPS = [5, 10, 20]
-ALERT = Alert(rule="rho1_collapse", step=20, reason="rho1 > 0.9 for 2 measurements",
-              message="The update collapsed onto one direction.", layers=("h.0.mlp.c_fc",), stop=True)
+ALERT = Alert(
+    rule="rho1_collapse",
+    step=20,
+    reason="rho1 > 0.9 for 2 measurements",
+    message="The update collapsed onto one direction.",
+    layers=("h.0.mlp.c_fc",),
+    stop=True,
+)
 HF_STEP = "train/global_step"
 
 
 def make_report(i: int, step: int) -> StepReport:
     """Report ``i`` of three; the last one carries an alert."""
-    values = {f"spectral/{m}/{layer}": step / 4 + j / 8 + k + 0.1
-              for k, m in enumerate(["rho1", "alpha", "update_norm"]) for j, layer in enumerate(LAYERS)}
-    values |= {"spectral/model/rho1_mean": step / 16 + 0.01, "spectral/model/alpha_max": 3.3 + i,
-               "spectral/monitor/measure_s": 0.123}
+    values = {
+        f"spectral/{m}/{layer}": step / 4 + j / 8 + k + 0.1
+        for k, m in enumerate(["rho1", "alpha", "update_norm"])
+        for j, layer in enumerate(LAYERS)
+    }
+    values |= {
+        "spectral/model/rho1_mean": step / 16 + 0.01,
+        "spectral/model/alpha_max": 3.3 + i,
+        "spectral/monitor/measure_s": 0.123,
+    }
     return StepReport(step=step, metrics=values, alerts=[ALERT] if i == 2 else [])
 
 
@@ -46,8 +58,12 @@ def wandb_dir(tmp_path, monkeypatch):
     W&B reads ``WANDB_DIR`` once per process (its settings singleton), so the fixture calls
     ``wandb.teardown()`` before and after the test to make every test see its own directory.
     """
-    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
-                        "WANDB_CONSOLE": "off"}.items():
+    for name, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_SILENT": "true",
+        "WANDB_CONSOLE": "off",
+    }.items():
         monkeypatch.setenv(name, value)
     wandb.teardown()
     yield tmp_path
@@ -91,13 +107,22 @@ def test_owned_run_logs_every_value_at_its_step(wandb_dir):
         assert rows[20]["spectral/heatmap/rho1"]["_type"] == "image-file"
         assert rows[20]["spectral/heatmap/alpha"]["_type"] == "image-file"
     heat = read_wandb_table(wandb_dir, rows[20]["spectral/heatmap_table/rho1"])
-    assert heat == [{"step": r.step, "layer": layer, "value": r.metrics[f"spectral/rho1/{layer}"]}
-                    for r in REPORTS for layer in sorted(LAYERS)]
+    assert heat == [
+        {"step": r.step, "layer": layer, "value": r.metrics[f"spectral/rho1/{layer}"]}
+        for r in REPORTS
+        for layer in sorted(LAYERS)
+    ]
 
     # alerts: a readable table in the history and a W&B alert
     [alert_row] = read_wandb_table(wandb_dir, rows[20]["spectral/alerts"])
-    assert alert_row == {"step": 20, "rule": "rho1_collapse", "reason": ALERT.reason,
-                         "message": ALERT.message, "layers": "h.0.mlp.c_fc", "stop": True}
+    assert alert_row == {
+        "step": 20,
+        "rule": "rho1_collapse",
+        "reason": ALERT.reason,
+        "message": ALERT.message,
+        "layers": "h.0.mlp.c_fc",
+        "stop": True,
+    }
     [sent] = read_wandb_alerts(wandb_dir)
     assert sent["title"] == "spectral_monitor: rho1_collapse"
     assert sent["level"] == "ERROR"  # stop=True
@@ -158,15 +183,17 @@ def test_explicit_step_behind_the_run_step_is_dropped_by_wandb(wandb_dir):
 
 
 def test_log_layers_false_keeps_aggregates_only(wandb_dir):
-    sink = WandbSink(wandb.init(project="spectral-test"), log_layers=False, table_every=0,
-                     heatmap_metrics=())
+    sink = WandbSink(wandb.init(project="spectral-test"), log_layers=False, table_every=0, heatmap_metrics=())
     sink.start({})
     sink.write(REPORTS[0])
     sink.finish()
     wandb.run.finish()
     [row] = read_wandb_history(wandb_dir)
     assert {k for k in row if not k.startswith("_")} == {
-        "spectral/model/rho1_mean", "spectral/model/alpha_max", "spectral/monitor/measure_s"}
+        "spectral/model/rho1_mean",
+        "spectral/model/alpha_max",
+        "spectral/monitor/measure_s",
+    }
 
 
 def test_bad_table_every():
