@@ -82,6 +82,13 @@ def _sampled_sparsity(delta: Tensor, W: Tensor, B0: Tensor, eta: float, samples:
     return sparsity(*pick, eta=eta)
 
 
+def _is_sharded(p: Tensor) -> bool:
+    """FSDP2/TP DTensor, a DeepSpeed ZeRO-3 partition, or an FSDP1 flat-parameter view."""
+    if type(p).__name__ == "DTensor" or hasattr(p, "ds_id"):
+        return True
+    return p.dim() != 2 or p.numel() == 0
+
+
 def _check_shapes(spec: LayerSpec, W: Tensor, B0: Tensor) -> None:
     if W.shape != B0.shape or tuple(W.shape) != spec.shape:
         raise BaseMismatchError(
@@ -175,7 +182,16 @@ class SpectralMonitor:
         self.model = model
         self.config = config
         self.reference = reference
-        self.specs: list[LayerSpec] = select_layers(model, config.layers, config.exclude)
+        specs = select_layers(model, config.layers, config.exclude)
+        sharded = [s.name for s in specs if _is_sharded(s.parameter())]
+        if sharded:
+            log.warning(
+                "spectral_monitor: %d layers hold sharded parameters (FSDP / DeepSpeed ZeRO-3 / DTensor), e.g. %r; "
+                "sharded training is not supported yet, so they are not monitored",
+                len(sharded),
+                sharded[0],
+            )
+        self.specs: list[LayerSpec] = [s for s in specs if s.name not in sharded]
         if not self.specs:
             log.warning("spectral_monitor: no layers selected (layers=%r); nothing will be measured", config.layers)
         self.store: BaseStore | None = None

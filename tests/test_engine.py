@@ -642,3 +642,13 @@ def test_lora_state_round_trip_keeps_the_previous_direction():
     assert not rb.skipped
     assert val(rb, "align_prev", name) == pytest.approx(1.0, abs=1e-5)
     assert val(rb, "update_norm", name) == pytest.approx(1.5 * 2.0 * float((B @ A).norm()), rel=1e-5)
+
+
+def test_sharded_parameters_are_skipped_with_a_clear_warning(caplog):
+    """ZeRO-3 partitions (ds_id, shape [0]) are not monitored, and the monitor says why."""
+    model = nn.ModuleDict({"q_proj": nn.Linear(6, 4, bias=False), "k_proj": nn.Linear(6, 4, bias=False)})
+    model["k_proj"].weight.ds_id = 7  # what DeepSpeed ZeRO-3 attaches to a partitioned parameter
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    mon = SpectralMonitor(model)
+    assert [s.name for s in mon.specs] == ["q_proj"]
+    assert any("sharded" in rec.getMessage() and "k_proj" in rec.getMessage() for rec in caplog.records)
