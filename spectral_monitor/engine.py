@@ -240,7 +240,7 @@ class SpectralMonitor:
             for i, chunk in enumerate(chunks):
                 try:
                     if prefetch is not None and i + 1 < len(chunks) and chunks[i + 1][0].kind != "lora":
-                        prefetch.start(chunks[i + 1])
+                        prefetch = self._start_prefetch(prefetch, chunks[i + 1])
                     if chunk[0].kind == "lora":
                         for spec in chunk:
                             values.update(self._measure_lora(spec, report))
@@ -286,6 +286,17 @@ class SpectralMonitor:
             return None
         device = self._device(dense[0])
         return _Prefetch(self.store, device) if device.type == "cuda" else None
+
+    def _start_prefetch(self, prefetch: _Prefetch, chunk: list[LayerSpec]) -> _Prefetch | None:
+        """Start the next upload; on any failure fall back to plain per-layer reads for this measurement."""
+        try:
+            prefetch.start(chunk)
+            return prefetch
+        except Exception as exc:
+            if self.config.strict:
+                raise
+            self._warn_once("prefetch", f"spectral_monitor: base prefetch disabled ({type(exc).__name__}: {exc})")
+            return None
 
     def _chunks(self) -> list[list[LayerSpec]]:
         """Groups of same-shape dense layers within the memory budget; LoRA layers one group."""
