@@ -14,7 +14,7 @@
 * Alerts with ``early_stop=True`` set ``control.should_training_stop`` (and ``should_save`` unless
   ``save_strategy="no"``) and log the reason.
 * Resume: ``on_save`` writes ``checkpoint-N/spectral_monitor.pt`` and, once, the base to
-  ``output_dir/spectral_monitor/base.safetensors``; a resumed run reads them back itself (no
+  ``output_dir/spectral_monitor/base-<run id>.safetensors``; a resumed run reads them back itself (no
   ``restore_callback_states_from_checkpoint`` needed): ΔW stays relative to the original base.
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,6 @@ log = logging.getLogger("spectral_monitor")
 
 STATE_FILE = "spectral_monitor.pt"
 MONITOR_DIR = "spectral_monitor"
-BASE_FILE = "base.safetensors"
 #: model-level keys besides every ``<metric>_mean`` that go through ``Trainer.log``
 TRAINER_EXTRA = {"rho1_max", "alpha_min", "alpha_max", "update_rel_max", "intruders_max", "update_norm_total"}
 TRAINER_EXTRA |= {"alpha_reliable_frac", "measure_s"}
@@ -177,7 +177,8 @@ class SpectralMonitorCallback(transformers.TrainerCallback):
             return False
         saved = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
         if saved.get("base_path") is not None:  # else: reference model or LoRA factors, still in the trainer
-            found = [p for p in (Path(saved["base_path"]), ckpt.parent / MONITOR_DIR / BASE_FILE) if p.exists()]
+            recorded = Path(saved["base_path"])  # else: the same file beside a moved output_dir
+            found = [p for p in (recorded, ckpt.parent / MONITOR_DIR / recorded.name) if p.exists()]
             if not found:
                 return False
             kind = "device" if self.config.base_store in ("auto", "reference") else self.config.base_store
@@ -218,7 +219,8 @@ class SpectralMonitorCallback(transformers.TrainerCallback):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         store = self.run.monitor.store
         if store is not None and store.kind != "reference" and self._base_path is None:
-            self._base_path = persist(store, self.run.monitor.specs, Path(args.output_dir) / MONITOR_DIR / BASE_FILE)
+            name = f"base-{uuid.uuid4().hex[:12]}.safetensors"  # per run: a later fresh run never replaces it
+            self._base_path = persist(store, self.run.monitor.specs, Path(args.output_dir) / MONITOR_DIR / name)
         if ckpt.is_dir():
             base = str(self._base_path) if self._base_path else None
             torch.save({"run": self.run.state_dict(), "base_path": base}, ckpt / STATE_FILE)
