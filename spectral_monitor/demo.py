@@ -1,4 +1,4 @@
-"""A built-in demo on a tiny model (no downloads, CPU, ~20 s): ``spectral-monitor demo``.
+"""A built-in demo on a tiny model (no downloads, CPU, a few seconds): ``spectral-monitor demo``.
 
 A small MLP is first trained on task A (the "pre-trained base"), then fine-tuned on task B
 while the monitor watches the update ΔW = W_t − W_0 of its linear layers. The loss on task A
