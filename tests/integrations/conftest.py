@@ -9,6 +9,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +71,18 @@ def char_tokenizer():
     pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
     return build_char_tokenizer()
+
+
+def run_recipe(name: str, out: Path) -> subprocess.CompletedProcess:
+    """Run ``integrations/<name>.py --quick --out <out>`` in a subprocess (cwd ``out``); asserts exit 0."""
+    script = Path(__file__).resolve().parents[2] / "integrations" / f"{name}.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "offline"},
+        cwd=out,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

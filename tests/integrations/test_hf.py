@@ -18,7 +18,7 @@ from spectral_monitor.alerts import Rank1Collapse  # noqa: E402
 from spectral_monitor.integrations.hf import SpectralMonitorCallback  # noqa: E402
 from spectral_monitor.layers import select_layers  # noqa: E402
 from spectral_monitor.sinks.jsonl import read_jsonl  # noqa: E402
-from tests.integrations.conftest import build_char_tokenizer  # noqa: E402
+from tests.integrations.conftest import build_char_tokenizer, run_recipe  # noqa: E402
 
 LAYER = "transformer.h.0.attn.c_attn"
 
@@ -287,15 +287,6 @@ def test_rng_check_has_teeth(tmp_path, tiny_gpt2):
 
 @pytest.mark.slow
 def test_recipe_hf_trainer_quick(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / "integrations" / "hf_trainer.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = run_recipe("hf_trainer", tmp_path)
     assert "measured at steps [1, 4, 8, 12]" in proc.stdout
     assert [r.step for r in jsonl(tmp_path)] == [1, 4, 8, 12]

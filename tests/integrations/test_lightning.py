@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from spectral_monitor.alerts import UpdateNormBlowup, default_rules  # noqa: E40
 from spectral_monitor.integrations.lightning import SpectralMonitorCallback  # noqa: E402
 from spectral_monitor.sinks.jsonl import read_jsonl  # noqa: E402
 from spectral_monitor.sinks.memory import MemorySink  # noqa: E402
+from tests.integrations.conftest import run_recipe  # noqa: E402
 from tests.readers import read_tensorboard_scalars, read_wandb_history  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -307,16 +305,7 @@ def test_state_loaded_outside_fit_does_not_leak_into_a_fresh_fit(tmp_path):
 # ------------------------------------------------------------------------ 7. recipe
 @pytest.mark.slow
 def test_recipe_runs(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "integrations" / "lightning.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_recipe("lightning", tmp_path)
     reports = jsonl(tmp_path)
     assert reports and reports[-1].layers
     assert read_tensorboard_scalars(tmp_path)["spectral/model/rho1_mean"]

@@ -21,6 +21,7 @@ from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTr
 from spectral_monitor.integrations.trl import SpectralMonitorCallback  # noqa: E402
 from spectral_monitor.layers import select_layers  # noqa: E402
 from spectral_monitor.sinks.jsonl import read_jsonl  # noqa: E402
+from tests.integrations.conftest import run_recipe  # noqa: E402
 
 # TRL 1.16 itself still calls transformers' deprecated ``is_gradient_checkpointing``
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -258,15 +259,6 @@ def test_lora_policy_needs_no_snapshot(tmp_path, tiny_gpt2, char_tokenizer):
 
 @pytest.mark.slow
 def test_recipe_trl_grpo_quick(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / "integrations" / "trl_grpo.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = run_recipe("trl_grpo", tmp_path)
     assert "held-out exact match" in proc.stdout and "reward (step: mean)" in proc.stdout
     assert [r.step for r in jsonl(tmp_path)] == [1, 2, 4]
