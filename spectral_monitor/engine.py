@@ -70,16 +70,46 @@ INTRUDER_TOP = 10
 INTRUDER_OVERSAMPLE = 5
 
 
-def _sampled_sparsity(delta: Tensor, W: Tensor, B0: Tensor, eta: float, samples: int = 1 << 16) -> Tensor:
-    """:func:`sparsity` on an evenly strided sample of at most ``samples`` entries (all of a small
-    layer), with a stride coprime to the row length: a share, so 65,536 samples give it to about
-    ±0.4 % (2 standard errors) at a fraction of the
-    memory traffic of a full elementwise pass."""
-    stride = max(1, delta.numel() // samples)
-    while stride > 1 and math.gcd(stride, delta.shape[-1]) != 1:
-        stride += 1  # coprime with the row length: the sample walks through every column
-    pick = [t.reshape(1, -1)[:, ::stride] for t in (delta, W.to(delta.device), B0)]
-    return sparsity(*pick, eta=eta)
+def _intruder_start(base_v: Tensor, V: Tensor, top: int) -> Tensor:
+    """Start of the sketch of W_t = W_0 + ΔW: W_0's top-``top`` right vectors and ΔW's top
+    ``INTRUDER_OVERSAMPLE`` (``(*, n, top + 5)``). W_t's leading right subspace lies close to their
+    span, so one pass pair (``niter=0``) finds its top left vectors, and a direction ΔW adds outside
+    W_0's column space (an intruder) is in the sketch by construction."""
+    return torch.cat([base_v[..., :top], V[..., :INTRUDER_OVERSAMPLE].to(base_v)], dim=-1)
+
+
+def _sampled_sparsity(
+    delta: Tensor, W: Tensor, B0: Tensor, eta: float, samples: int = 1 << 16, run: int = 64
+) -> Tensor:
+    """:func:`sparsity` on a sample of at most ``samples`` entries (all of a small layer): evenly
+    spaced runs of ``run`` contiguous entries (cache-line friendly: single strided entries cost a
+    cache miss each), the spacing coprime with the row length so the runs start in every column.
+    A share, so 65,536 samples give it to about ±0.4 % (2 standard errors) when entries are
+    independent, for ~1 % of the memory traffic of a full elementwise pass."""
+    total = delta.numel()
+    tensors = (delta, W.to(delta.device), B0)
+    if total <= 4 * samples or not all(t.is_contiguous() for t in tensors):
+        stride = max(1, total // samples)
+        return sparsity(*(t.reshape(1, -1)[:, ::stride] for t in tensors), eta=eta)
+    runs = samples // run
+    step = total // runs
+    while step > run and math.gcd(step, delta.shape[-1]) != 1:
+        step -= 1
+    return sparsity(*(t.reshape(-1).as_strided((runs, run), (step, 1)) for t in tensors), eta=eta)
+
+
+def _fast_bf16(device: torch.device) -> bool:
+    """True where bf16 matmuls run on dedicated units: CUDA GPUs with bf16 tensor cores (sm80+),
+    CPUs with AMX or AVX512-BF16 (elsewhere bf16 is emulated and slower than float32)."""
+    try:
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                return torch.cuda.is_bf16_supported(including_emulation=False)
+        if device.type == "cpu":
+            return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except Exception:  # a capability query this torch lacks: stay in float32
+        return False
+    return False
 
 
 def _is_sharded(p: Tensor) -> bool:
@@ -143,6 +173,36 @@ class _Prefetch:
         return t
 
 
+class _Workspace:
+    """The batches' m x n buffers, carved from one flat allocation per device that every batch
+    reuses. On CPU it is also kept between measurements: the first touch of freshly allocated
+    pages costs about as much as filling them (~1.3 µs per 4 KiB page here). CUDA buffers go back
+    to the caching allocator after each measurement."""
+
+    def __init__(self) -> None:
+        self.flat: dict[torch.device, Tensor] = {}
+
+    def take(self, device: torch.device, *layouts: tuple[tuple[int, ...], torch.dtype]) -> list[Tensor]:
+        sizes = [-(-math.prod(shape) * dtype.itemsize // 64) * 64 for shape, dtype in layouts]  # 64-byte aligned
+        flat = self.flat.get(device)
+        if flat is None or flat.numel() < sum(sizes):
+            self.flat.pop(device, None)
+            flat = self.flat[device] = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+        out, offset = [], 0
+        for (shape, dtype), size in zip(layouts, sizes):
+            nbytes = math.prod(shape) * dtype.itemsize
+            out.append(flat[offset : offset + nbytes].view(dtype).view(shape))
+            offset += size
+        return out
+
+    def release(self, keep_cpu: bool = True) -> None:
+        self.flat = {d: t for d, t in self.flat.items() if keep_cpu and d.type == "cpu"}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() for t in self.flat.values())
+
+
 @dataclass
 class _LayerState:
     """What the engine remembers about one layer between measurements (tensors on CPU or device)."""
@@ -198,6 +258,8 @@ class SpectralMonitor:
         self._has_base = all(s.kind == "lora" for s in self.specs)
         self._layers: dict[str, _LayerState] = {}
         self._warned: set[str] = set()
+        self._fast_bf16: dict[torch.device, bool] = {}
+        self._workspace = _Workspace()
         self.measurements = 0
         self.last_step: int | None = None
 
@@ -234,7 +296,7 @@ class SpectralMonitor:
         report = StepReport(step=step)
         full = self.config.full_every > 0 and (self.measurements + 1) % self.config.full_every == 0
         values: dict[str, dict[str, float]] = {}
-        chunks = self._chunks()
+        chunks = self._chunks(full)
         prefetch = self._prefetcher()
         with torch.no_grad():
             for i, chunk in enumerate(chunks):
@@ -255,6 +317,7 @@ class SpectralMonitor:
                     )
                     for spec in chunk:
                         report.skipped.setdefault(spec.name, reason)
+        self._workspace.release()
         for layer, metrics in values.items():
             for metric, value in metrics.items():
                 report.metrics[layer_key(metric, layer)] = value
@@ -274,10 +337,26 @@ class SpectralMonitor:
     def _budget(self) -> int:
         return self.config.memory_budget_mb * 2**20
 
-    @property
-    def _copies(self) -> int:
-        """float32 m x n buffers per layer in a batch: ΔW, and W_t when intruders are counted."""
-        return 2 if self.config.intruders else 1
+    def _sketch_dtype(self, device: torch.device, full: bool = False) -> torch.dtype:
+        """dtype of the ΔW / W_t buffers and their products (float32 on full-spectrum measurements)."""
+        choice = self.config.sketch_dtype
+        if full or choice == "float32":
+            return torch.float32
+        if choice == "bfloat16":
+            return torch.bfloat16
+        if device not in self._fast_bf16:
+            self._fast_bf16[device] = _fast_bf16(device)
+        return torch.bfloat16 if self._fast_bf16[device] else torch.float32
+
+    def _layer_bytes(self, m: int, n: int, dtype: torch.dtype) -> int:
+        """Buffer bytes per layer in a batch: ΔW, and W_t when intruders are counted."""
+        return m * n * dtype.itemsize * (2 if self.config.intruders else 1)
+
+    def _batch_size(self, m: int, n: int, dtype: torch.dtype) -> int:
+        """Layers per batch within the budget (0: one layer is over it); a low-precision batch also
+        needs one float32 m x n scratch to form ΔW in."""
+        scratch = m * n * 4 if dtype != torch.float32 else 0
+        return max(0, (self._budget - scratch) // self._layer_bytes(m, n, dtype))
 
     def _prefetcher(self) -> _Prefetch | None:
         """A side-stream uploader when the base sits in (pinned) CPU memory and we compute on CUDA."""
@@ -298,22 +377,21 @@ class SpectralMonitor:
             self._warn_once("prefetch", f"spectral_monitor: base prefetch disabled ({type(exc).__name__}: {exc})")
             return None
 
-    def _chunks(self) -> list[list[LayerSpec]]:
+    def _chunks(self, full: bool = False) -> list[list[LayerSpec]]:
         """Groups of same-shape dense layers within the memory budget; LoRA layers one group."""
         groups: dict[tuple, list[LayerSpec]] = defaultdict(list)
         for spec in self.specs:
             if spec.kind == "lora":
                 groups[("lora",)].append(spec)
             else:
-                p = spec.parameter()
-                groups[(spec.shape, spec.transposed, p.device, self._state(spec).rank)].append(spec)
+                groups[(spec.shape, spec.transposed, self._device(spec), self._state(spec).rank)].append(spec)
         out = []
         for key, specs in groups.items():
             if key[0] == "lora":
                 out.append(specs)
                 continue
-            m, n = key[0]
-            size = max(1, self._budget // (m * n * 4 * self._copies))
+            (m, n), _, device, _ = key
+            size = max(1, self._batch_size(m, n, self._sketch_dtype(device, full)))
             out.extend(specs[i : i + size] for i in range(0, len(specs), size))
         return out
 
@@ -341,11 +419,14 @@ class SpectralMonitor:
         if all(s.prev_v is not None for s in states):
             k0 = min(s.prev_v.shape[-1] for s in states)
             init = torch.stack([s.prev_v[:, :k0].to(device) for s in states])
-        if len(chunk) == 1 and m * n * 4 * self._copies > self._budget:
-            parts = self._decompose_large(chunk[0], device, rank, init, gen)
+        # warm: the previous subspace spans the whole rank (after a rank increase it covers only part)
+        warm = init is not None and init.shape[-1] >= min(rank, m, n) and self.config.warm_niter is not None
+        niter = self.config.warm_niter if warm else self.config.niter
+        if len(chunk) == 1 and self._batch_size(m, n, self._sketch_dtype(device, full)) == 0:
+            parts = self._decompose_large(chunk[0], device, rank, init, niter, gen)
             full = False  # the full spectrum of an over-budget layer is not taken (erank is estimated)
         else:
-            parts = self._decompose_chunk(chunk, device, rank, init, gen, full, prefetch)
+            parts = self._decompose_chunk(chunk, device, rank, init, niter, gen, full, prefetch)
         if not all(parts.finite):
             bad = [s.name for s, ok in zip(chunk, parts.finite) if not ok]
             if self.config.strict:
@@ -360,6 +441,7 @@ class SpectralMonitor:
     def _base_u(self, states: list[_LayerState], W0: Tensor, gen: torch.Generator, **kw: Any) -> None:
         """Cache W_0's top-``base_k`` singular vectors (once per layer)."""
         if any(s.base_u is None for s in states):
+            kw.setdefault("sketch_dtype", self._sketch_dtype(W0.device))
             U0, _, V0 = randomized_svd(
                 W0, self.config.base_k, niter=self.config.niter, oversample=self.config.oversample, generator=gen, **kw
             )
@@ -372,40 +454,53 @@ class SpectralMonitor:
         device: torch.device,
         rank: int,
         init: Tensor | None,
+        niter: int,
         gen: torch.Generator,
         full: bool,
         prefetch: _Prefetch | None,
     ) -> _Parts:
-        """Batched path: ΔW of every layer of the chunk formed in one float32 buffer (within budget).
+        """Batched path: ΔW of every layer of the chunk in one buffer of the sketch dtype (within budget).
 
-        The buffer keeps the parameters' storage layout (HF Conv1D: ``(in, out)``), so filling it is
-        contiguous; the decomposition works on its canonical ``(out, in)`` view (BLAS takes the
-        transpose for free). Non-finite weights show up as a non-finite ‖ΔW‖_F (no extra pass).
+        ΔW is formed in float32 (in the buffer itself, or in a float32 scratch that is then rounded
+        into a bf16 buffer), where its norm, sparsity and finiteness are taken. The buffer keeps the
+        parameters' storage layout (HF Conv1D: ``(in, out)``), so filling it is contiguous; the
+        decomposition works on its canonical ``(out, in)`` view. Non-finite weights show up as a
+        non-finite ‖ΔW‖_F (no extra pass).
         """
         cfg = self.config
         m, n = chunk[0].shape
         b = len(chunk)
         states = [self._state(s) for s in chunk]
         transposed = chunk[0].transposed
-        buf = torch.empty(b, *((n, m) if transposed else (m, n)), dtype=torch.float32, device=device)
-        wbuf = torch.empty_like(buf) if cfg.intruders else None
+        sketch = self._sketch_dtype(device, full)
+        layout = (n, m) if transposed else (m, n)
+        wanted = [((b, *layout), sketch)] * (2 if cfg.intruders else 1)
+        if sketch != torch.float32:
+            wanted.append((layout, torch.float32))
+        buf, *rest = self._workspace.take(device, *wanted)
+        wbuf = rest.pop(0) if cfg.intruders else None
+        scratch = rest.pop(0) if rest else None
+        fro = torch.empty(b, device=device)
         spars = torch.empty(b, device=device)
         base_fro = torch.zeros(b, device=device)
         for i, spec in enumerate(chunk):
             W = spec.parameter().detach()
             B0 = prefetch.get(spec) if prefetch is not None else self.store.get(spec, device)
             _check_shapes(spec, spec.canonical(W), spec.canonical(B0))
+            d = buf[i] if scratch is None else scratch
             if W.dtype == B0.dtype == torch.float32 and W.device == device:
-                torch.sub(W, B0, out=buf[i])  # one fused pass
+                torch.sub(W, B0, out=d)  # one fused pass
             else:  # upcast first: a low-precision difference would round ΔW
-                buf[i].copy_(W)
-                buf[i].sub_(B0)
+                d.copy_(W)
+                d.sub_(B0)
+            fro[i] = frobenius_sq(d)
+            spars[i] = _sampled_sparsity(d, W, B0, cfg.sparsity_eta)
+            if scratch is not None:
+                buf[i].copy_(scratch)
             if wbuf is not None:
                 wbuf[i].copy_(W)
-            spars[i] = _sampled_sparsity(buf[i], W, B0, cfg.sparsity_eta)
             if states[i].base_fro is None:
                 base_fro[i] = torch.linalg.vector_norm(B0, dtype=torch.float32)
-        fro = frobenius_sq(buf)
         finite_list = torch.isfinite(fro).tolist()
         if not all(finite_list):
             bad = ~torch.isfinite(fro)
@@ -415,22 +510,26 @@ class SpectralMonitor:
                 wbuf[bad] = 0.0
         D = buf.mT if transposed else buf
         Wt = None if wbuf is None else wbuf.mT if transposed else wbuf
-        niter = cfg.niter if init is None or cfg.warm_niter is None else cfg.warm_niter
-        U, S, V = randomized_svd(D, rank, niter=niter, oversample=cfg.oversample, init=init, generator=gen)
+        U, S, V = randomized_svd(
+            D, rank, niter=niter, oversample=cfg.oversample, init=init, generator=gen, sketch_dtype=sketch
+        )
         if any(s.base_u is None for s in states):  # first measurement only: W_0's SVD is cached
-            self._base_u(states, (Wt - D) if Wt is not None else self._stack_base(chunk, device), gen)
+            W0 = (Wt - D) if Wt is not None else self._stack_base(chunk, device, sketch)
+            self._base_u(states, W0, gen, sketch_dtype=sketch)
         Ut = None
         if Wt is not None:
             top = min(INTRUDER_TOP, m, n)
-            init_t = torch.stack([st.base_v.to(device) for st in states])  # W_t ≈ W_0: start from its subspace
-            Ut, _, _ = randomized_svd(Wt, top, niter=niter, oversample=INTRUDER_OVERSAMPLE, init=init_t, generator=gen)
+            init_t = _intruder_start(torch.stack([st.base_v.to(device) for st in states]), V, top)
+            Ut, _, _ = randomized_svd(
+                Wt, top, niter=0, oversample=INTRUDER_OVERSAMPLE, init=init_t, generator=gen, sketch_dtype=sketch
+            )
         return _Parts(U, S, V, fro, spars, base_fro, finite_list, Ut, full_singular_values(D) if full else None)
 
-    def _stack_base(self, chunk: list[LayerSpec], device: torch.device) -> Tensor:
-        return torch.stack([c.canonical(self.store.get(c, device)).float() for c in chunk])
+    def _stack_base(self, chunk: list[LayerSpec], device: torch.device, dtype: torch.dtype) -> Tensor:
+        return torch.stack([c.canonical(self.store.get(c, device)).to(dtype) for c in chunk])
 
     def _decompose_large(
-        self, spec: LayerSpec, device: torch.device, rank: int, init: Tensor | None, gen: torch.Generator
+        self, spec: LayerSpec, device: torch.device, rank: int, init: Tensor | None, niter: int, gen: torch.Generator
     ) -> _Parts:
         """A layer over the memory budget: ΔW is never formed; every pass streams row blocks."""
         cfg = self.config
@@ -464,22 +563,31 @@ class SpectralMonitor:
                 None,
                 None,
             )
-        niter = cfg.niter if init is None or cfg.warm_niter is None else cfg.warm_niter
+        sketch = self._sketch_dtype(device)
         U, S, V = randomized_svd(
-            W, rank, niter=niter, oversample=cfg.oversample, base=B0, init=init, generator=gen, block_rows=rows
+            W,
+            rank,
+            niter=niter,
+            oversample=cfg.oversample,
+            base=B0,
+            init=init,
+            generator=gen,
+            block_rows=rows,
+            sketch_dtype=sketch,
         )
-        self._base_u([self._state(spec)], B0, gen, block_rows=rows)
+        self._base_u([self._state(spec)], B0, gen, block_rows=rows, sketch_dtype=sketch)
         Ut = None
         if cfg.intruders:
             top = min(INTRUDER_TOP, m, n)
             Ut, _, _ = randomized_svd(
                 W,
                 top,
-                niter=cfg.niter,
+                niter=0,
                 oversample=INTRUDER_OVERSAMPLE,
-                init=self._state(spec).base_v.to(device),
+                init=_intruder_start(self._state(spec).base_v.to(device), V, top),
                 generator=gen,
                 block_rows=rows,
+                sketch_dtype=sketch,
             )
             Ut = Ut[None]
         return _Parts(
@@ -580,7 +688,7 @@ class SpectralMonitor:
                 raise NonFiniteError(f"non-finite LoRA factors in {spec.name!r}")
             report.skipped[spec.name] = "non-finite weights (NaN/Inf)"
             return {spec.name: {"nonfinite": 1.0}}
-        U, S, _ = lora_svd(B, A, 1.0)
+        U, S, V = lora_svd(B, A, 1.0)
         fro = (S.double() ** 2).sum().float()
         W0 = spec.canonical(spec.parameter().detach()).float()
         if st.base_fro is None or st.base_u is None:
@@ -619,10 +727,11 @@ class SpectralMonitor:
             Ut, _, _ = randomized_svd(
                 Wt,
                 top,
-                niter=cfg.niter,
+                niter=0,
                 oversample=INTRUDER_OVERSAMPLE,
-                init=st.base_v.to(Wt.device),
+                init=_intruder_start(st.base_v.to(Wt.device), V, top),
                 generator=self._generator(Wt.device, 1),
+                sketch_dtype=self._sketch_dtype(Wt.device),
             )
             vals["intruders"] = float(
                 intruder_count(

@@ -27,6 +27,13 @@ from spectral_monitor.snapshot import DiskStore
 LOGGER = "spectral_monitor"
 
 
+@pytest.fixture(autouse=True)
+def _float32_sketches(monkeypatch):
+    """The hand-computed cases below check the float32 path to ~1e-6; ``sketch_dtype="auto"`` would
+    pick bf16 products on AMX / AVX512-BF16 CPUs (~1e-4). The bf16 path has its own tests at the end."""
+    monkeypatch.setattr(engine_mod, "_fast_bf16", lambda device: False)
+
+
 # ------------------------------------------------------------------ helpers
 def orthonormal(n: int, k: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
@@ -652,3 +659,91 @@ def test_sharded_parameters_are_skipped_with_a_clear_warning(caplog):
     mon = SpectralMonitor(model)
     assert [s.name for s in mon.specs] == ["q_proj"]
     assert any("sharded" in rec.getMessage() and "k_proj" in rec.getMessage() for rec in caplog.records)
+
+
+# ------------------------------------------------------------------ bf16 sketches (sketch_dtype)
+def test_auto_sketch_dtype_follows_the_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    for fast, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(engine_mod, "_fast_bf16", lambda device, fast=fast: fast)
+        mon = SpectralMonitor(single(8, 8))
+        assert mon._sketch_dtype(cpu) == expected
+        assert mon._sketch_dtype(cpu, full=True) == torch.float32  # full spectra need float32 ΔW
+    assert SpectralMonitor(single(8, 8), sketch_dtype="float32")._sketch_dtype(cpu) == torch.float32
+    monkeypatch.setattr(engine_mod, "_fast_bf16", lambda device: False)
+    assert SpectralMonitor(single(8, 8), sketch_dtype="bfloat16")._sketch_dtype(cpu) == torch.bfloat16
+
+
+def _realistic(m: int, n: int, seed: int, r: int = 6, noise: float = 1e-3) -> torch.Tensor:
+    """A few decaying directions over a dense noise bulk (float64, canonical orientation)."""
+    s = 4 * noise * (m**0.5 + n**0.5) * torch.arange(1, r + 1, dtype=torch.float64) ** -0.6
+    g = torch.Generator().manual_seed(seed)
+    return (orthonormal(m, r, seed) * s) @ orthonormal(n, r, seed + 1).T + noise * torch.randn(
+        m, n, generator=g, dtype=torch.float64
+    )
+
+
+def test_bf16_sketches_agree_with_the_exact_spectrum_and_the_float32_path():
+    """Same weights, both dtypes: σ within 1e-3 of float32's and of the exact SVD's where float32
+    is exact; norms, sparsity (formed in float32) identical; alignment and intruders agree."""
+    m, n, names = 192, 256, ["a", "b", "c"]
+    torch.manual_seed(0)
+    model = nn.ModuleDict({k: nn.Linear(n, m, bias=False) for k in names})
+    deltas = {k: _realistic(m, n, seed=10 * i) for i, k in enumerate(names)}
+    reports = {}
+    for dtype in ("float32", "bfloat16"):
+        mon = SpectralMonitor(model, rank=8, sketch_dtype=dtype, adaptive_rank=False, niter=4)
+        mon.snapshot()
+        W0 = {k: get_canonical(mon, k) for k in names}
+        for k in names:
+            set_canonical(mon, k, W0[k] + deltas[k])
+        reports[dtype] = (mon.measure(1), mon.measure(2))  # cold, then warm-started
+        assert mon._workspace.nbytes > 0  # CPU buffers are kept for the next measurement
+        for k in names:
+            set_canonical(mon, k, W0[k])
+    for k in names:
+        exact = np.linalg.svd(deltas[k].numpy(), compute_uv=False)
+        for r32, r16 in zip(*reports.values()):
+            assert val(r16, "update_norm", k) == val(r32, "update_norm", k)
+            assert val(r16, "sparsity", k) == val(r32, "sparsity", k)
+            assert val(r16, "sigma1", k) == pytest.approx(exact[0], rel=1e-3)
+            top = r16.spectra[k][:4].double().numpy()
+            assert np.max(np.abs(top - exact[:4]) / exact[:4]) < 2e-3  # planted directions: exact in float32
+            assert np.allclose(r16.spectra[k].numpy(), r32.spectra[k].numpy(), rtol=5e-3)
+            assert val(r16, "rho1", k) == pytest.approx(val(r32, "rho1", k), abs=1e-3)
+            assert val(r16, "align_base", k) == pytest.approx(val(r32, "align_base", k), abs=1e-2)
+            assert val(r16, "intruders", k) == val(r32, "intruders", k)
+        assert val(reports["bfloat16"][1], "align_prev", k) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_bf16_update_is_rounded_after_the_float32_subtraction():
+    """ΔW of 1e-4·‖W‖: rounding W_t and W_0 to bf16 first would leave noise ~20x the update;
+    rounding the float32 difference keeps σ₁ to ~1e-4."""
+    m, n = 128, 96
+    model = single(m, n)
+    mon = SpectralMonitor(model, rank=4, sketch_dtype="bfloat16")
+    mon.snapshot()
+    W0 = get_canonical(mon, "q_proj")
+    sigma = 1e-4 * float(W0.norm())
+    set_canonical(mon, "q_proj", W0 + sigma * torch.outer(unit(m, 7), unit(n, 8)))
+    delta = get_canonical(mon, "q_proj") - W0  # what float32 actually holds
+    r = mon.measure(1)
+    s = np.linalg.svd(delta.numpy(), compute_uv=False)
+    assert val(r, "sigma1", "q_proj") == pytest.approx(s[0], rel=1e-3)
+    assert val(r, "rho1", "q_proj") == pytest.approx(1.0, abs=1e-3)
+
+
+def test_sampled_sparsity_of_a_large_layer_is_within_its_error_bar():
+    """> 4 x 65,536 entries: runs of 64 entries sampled; planted 30 % unchanged entries."""
+    m, n = 640, 512
+    model = single(m, n)
+    mon = SpectralMonitor(model, rank=4)
+    mon.snapshot()
+    W0 = get_canonical(mon, "q_proj")
+    g = torch.Generator().manual_seed(3)
+    changed = (torch.rand(m, n, generator=g) > 0.3).double()
+    set_canonical(mon, "q_proj", W0 + 0.01 * changed * torch.randn(m, n, generator=g, dtype=torch.float64))
+    Wt = get_canonical(mon, "q_proj")
+    exact = ((Wt - W0).abs() <= 1e-3 * torch.maximum(Wt.abs(), W0.abs())).double().mean().item()
+    assert 0.29 < exact < 0.31
+    assert val(mon.measure(1), "sparsity", "q_proj") == pytest.approx(exact, abs=0.01)

@@ -341,3 +341,20 @@ def test_block_rows_matches_the_unblocked_result(dtype: torch.dtype) -> None:
     assert out[1][0].item() == pytest.approx(exact.item(), rel=1e-3)
     with pytest.raises(ValueError, match="block_rows"):
         randomized_svd(A, 8, block_rows=0)
+
+
+@pytest.mark.parametrize(("m", "n"), [(768, 1024), (1024, 768)])
+def test_bf16_sketch_matches_the_exact_svd_of_the_rounded_matrix(m: int, n: int) -> None:
+    """Products in bf16, QR/SVD in float32: against the exact SVD of bf16(A) the error is the
+    algorithm's alone (measured <= 2.7e-4, the bf16 rounding of the projected B). The returned U is
+    orthonormal to float32 precision: without re-orthonormalising the rounded basis before the
+    Ritz step, UᵀU - I would be ~3e-4."""
+    A = _with_spectrum(m, n, FAST[:64]).float()
+    rounded = A.bfloat16()
+    _, S0, Vh0 = torch.linalg.svd(rounded.double(), full_matrices=False)
+    for inp in (A, rounded):  # a float32 input is rounded once inside
+        U, S, V = randomized_svd(inp, 16, niter=2, sketch_dtype=torch.bfloat16)
+        assert S.dtype == U.dtype == torch.float32
+        assert _rel_err(S, S0).max() < 5e-4
+        assert _col_cos(V, Vh0.mT)[:8].min() > 1 - 1e-4
+        assert torch.allclose(U.mT @ U, torch.eye(16), atol=1e-5)
