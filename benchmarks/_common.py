@@ -249,10 +249,10 @@ def _jsonable(x: Any) -> Any:
     return repr(x)
 
 
-def matmul_gflops(device: str = "cpu", n: int = 4096, repeats: int = 3) -> float:
-    """Achieved fp32 GFLOP/s of an n x n x n matmul (the machine's practical ceiling)."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def matmul_gflops(device: str = "cpu", n: int = 4096, repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """Achieved GFLOP/s of an n x n x n matmul in ``dtype`` (the machine's practical ceiling)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     t = timeit(lambda: a @ b, device=device, repeats=repeats, warmup=1)
     return 2 * n**3 / t["median_s"] / 1e9
 

@@ -10,6 +10,7 @@ Then, in one process on one device:
   (full_matrices=False; on CPU only where it takes < ~30 s);
 * ``torch.svd_lowrank(A, q=42, niter=2)``;
 * ``spectral_monitor.functional.randomized_svd(A, rank=32, oversample=10, niter=2)`` (cold);
+* the same with ``sketch_dtype=torch.bfloat16`` (products in bf16), cold and warm-started;
 * the same warm-started: ``init`` = V of the previous measurement, i.e. of ``A_prev = A - E``
   with a small update E (||E||_F = 1% of ||A||_F: half in a new rank-4 direction, half dense),
   with niter = 2 (the engine default) and niter = 0.
@@ -152,6 +153,24 @@ def bench_shape(
         )
         U, S, _ = t["result"]
         add(f"randomized_svd warm (init=V_prev), niter={q}", t, S, U[:, 0])
+
+    # bf16 products (what the monitor's sketch_dtype="auto" picks on AMX/AVX512-BF16 CPUs and
+    # sm80+ GPUs): A is rounded to bf16 inside the call, which the time includes
+    bf16 = torch.bfloat16
+    t = timeit(
+        lambda: randomized_svd(A, RANK, oversample=OVERSAMPLE, niter=NITER, sketch_dtype=bf16), device=device, **rk
+    )
+    U, S, _ = t["result"]
+    add(f"randomized_svd bf16 sketch, niter={NITER}", t, S, U[:, 0], "A rounded inside the call")
+    A16 = A.to(bf16)
+    for q in (NITER, 1):
+        t = timeit(
+            lambda q=q: randomized_svd(A16, RANK, oversample=OVERSAMPLE, niter=q, init=V_prev, sketch_dtype=bf16),
+            device=device,
+            **rk,
+        )
+        U, S, _ = t["result"]
+        add(f"randomized_svd bf16 sketch warm (A already bf16), niter={q}", t, S, U[:, 0], "errors vs exact SVD of A")
     return rows
 
 

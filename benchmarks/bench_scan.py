@@ -220,7 +220,8 @@ def lean_gflop(shapes: list[tuple[int, int]]) -> float:
 def scan_gflop(monitor: SpectralMonitor, *, first: bool) -> float:
     """Matmul FLOPs of one measure(): 2(q+1) products of the m x n matrix with an n x l or m x l
     block per randomized SVD (l = rank + oversample): ΔW's; W_t's for intruders (rank 10, the
-    engine's intruder oversampling); W_0's on the first measurement (rank base_k)."""
+    engine's intruder oversampling, q = 0); W_0's on the first measurement (rank base_k). A layer
+    whose rank just grew runs the cold q; that is not counted here."""
     from spectral_monitor import engine
 
     cfg = monitor.config
@@ -234,7 +235,7 @@ def scan_gflop(monitor: SpectralMonitor, *, first: bool) -> float:
         rank = monitor._state(spec).rank
         work = [(q_delta, min(rank + cfg.oversample, m, n))]
         if cfg.intruders:
-            work.append((cfg.niter, min(top + intr_over, m, n)))
+            work.append((0, min(top + intr_over, m, n)))
         if first:
             work.append((cfg.niter, min(cfg.base_k + cfg.oversample, m, n)))
         total += sum((2 * q + 2) * 2 * m * n * l for q, l in work)
@@ -392,8 +393,14 @@ def main() -> None:
     results: dict = {"machine": info, "args": vars(args)}
 
     peak = matmul_gflops("cpu", 4096, repeats=3)
-    results["matmul_gflops_fp32_4096"] = peak
-    print(f"   fp32 matmul 4096^3 here: {peak:.0f} GFLOP/s (median of 3; the ceiling used below)", flush=True)
+    peak16 = matmul_gflops("cpu", 4096, repeats=3, dtype=torch.bfloat16)
+    results["matmul_gflops_fp32_4096"], results["matmul_gflops_bf16_4096"] = peak, peak16
+    auto = SpectralMonitor(nn.Linear(2, 2))._sketch_dtype(torch.device("cpu"))
+    print(
+        f"   matmul 4096^3 here: fp32 {peak:.0f} GFLOP/s (the ceiling used below), bf16 {peak16:.0f} GFLOP/s "
+        f"(median of 3); the monitor's sketch dtype (auto): {auto}",
+        flush=True,
+    )
 
     n_blocks = 3 if args.quick else 12
     base, tuned, names = gpt2_pair(n_blocks)
@@ -441,6 +448,7 @@ def main() -> None:
         "default": (MonitorConfig(), n_meas, n_meas),
         "intruders=False": (MonitorConfig(intruders=False), n_meas, n_meas),
         "warm_niter=0 (intruders on)": (MonitorConfig(warm_niter=0), 3, None),
+        "sketch_dtype=float32": (MonitorConfig(sketch_dtype="float32"), 3, None),
         matched_label: (MonitorConfig(full_every=1, alpha_min_tail=1, intruders=False), 3, 3),
     }
     mon, reports, profiles = {}, {}, {}
@@ -540,7 +548,8 @@ def main() -> None:
         )
     print_table(hdr, rows)
     print(
-        f"   fp32 matmul ceiling here: {peak:.0f} GFLOP/s. 'steady' = measurements #2..#{n_meas} except a "
+        f"   matmul ceilings here: fp32 {peak:.0f}, bf16 {peak16:.0f} GFLOP/s (the GFLOP/s column counts the "
+        f"monitor's bf16 products like float32 ones). 'steady' = measurements #2..#{n_meas} except a "
         f"profiled one (the WW-matched run: #2). Ratios use best runs. matmul GFLOP counts the randomized "
         "SVDs' products only (rsvd ΔW, + W_t for intruders, + W_0 on the first); the lean pass's is its Gram."
     )
