@@ -747,3 +747,23 @@ def test_sampled_sparsity_of_a_large_layer_is_within_its_error_bar():
     exact = ((Wt - W0).abs() <= 1e-3 * torch.maximum(Wt.abs(), W0.abs())).double().mean().item()
     assert 0.29 < exact < 0.31
     assert val(mon.measure(1), "sparsity", "q_proj") == pytest.approx(exact, abs=0.01)
+
+
+def test_small_layers_share_a_batch_across_ranks_and_a_zero_update_layer():
+    """Same-shape layers under SMALL_LAYER weights form one batch even after their ranks diverge;
+    a layer whose update is zero does not make the others lose align_prev or their warm start."""
+    m, n, names = 64, 48, ["a", "b", "c"]
+    model = nn.ModuleDict({k: nn.Linear(n, m, bias=False) for k in names})
+    mon = SpectralMonitor(model, rank=4, adaptive_rank=False)
+    mon.snapshot()
+    W0 = {k: get_canonical(mon, k) for k in names}
+    mon._state(mon.specs[0]).rank = 8  # as after an adaptive increase
+    for step in (1, 2):
+        for i, k in enumerate(names[:2]):  # "c" never changes
+            set_canonical(mon, k, W0[k] + step * _realistic(m, n, seed=i, r=3, noise=1e-3))
+        assert len(mon._chunks()) == 1
+        r = mon.measure(step)
+    assert val(r, "rank", "a") == val(r, "rank", "b") == 8.0  # the batch's larger rank
+    for k in names[:2]:
+        assert val(r, "align_prev", k) == pytest.approx(1.0, abs=1e-3)  # same directions, twice as large
+    assert "spectral/align_prev/c" not in r.metrics and val(r, "update_norm", "c") == 0.0
