@@ -37,7 +37,8 @@ class MonitorConfig:
         as much as the exact full spectrum: use ``full_every``). Every ``full_every``-th
         measurement takes the full spectrum (exact effective rank and α; 0 = never).
         ``sketch_dtype``: dtype of the products with ΔW and W_t (``auto``: ``bfloat16`` on CUDA
-        GPUs with bf16 tensor cores and on CPUs with AMX or AVX512-BF16, else ``float32``).
+        GPUs with bf16 tensor cores and on CPUs with AMX or AVX512-BF16 for layers over 2**20
+        weights, else ``float32``).
         ΔW is formed in float32 (norms, sparsity and NaN checks use it) and rounded once; QRs
         and the small SVDs stay float32/64, so σ moves by ~1e-4 relative (docs/metrics.md).
     Base

@@ -90,7 +90,7 @@ def _sampled_sparsity(
     independent, for ~1 % of the memory traffic of a full elementwise pass."""
     total = delta.numel()
     tensors = (delta, W.to(delta.device), B0)
-    if total <= 4 * samples or not all(t.is_contiguous() for t in tensors):
+    if total <= samples or not all(t.is_contiguous() for t in tensors):
         stride = max(1, total // samples)
         return sparsity(*(t.reshape(1, -1)[:, ::stride] for t in tensors), eta=eta)
     runs = samples // run
@@ -339,10 +339,12 @@ class SpectralMonitor:
     def _budget(self) -> int:
         return self.config.memory_budget_mb * 2**20
 
-    def _sketch_dtype(self, device: torch.device, full: bool = False) -> torch.dtype:
-        """dtype of the ΔW / W_t buffers and their products (float32 on full-spectrum measurements)."""
+    def _sketch_dtype(self, device: torch.device, full: bool = False, numel: int | None = None) -> torch.dtype:
+        """dtype of the ΔW / W_t buffers and their products: float32 on full-spectrum measurements
+        and, with ``auto``, for layers of at most SMALL_LAYER weights (``numel``), whose products are
+        too cheap for bf16 to repay its conversions."""
         choice = self.config.sketch_dtype
-        if full or choice == "float32":
+        if full or choice == "float32" or (choice == "auto" and numel is not None and numel <= SMALL_LAYER):
             return torch.float32
         if choice == "bfloat16":
             return torch.bfloat16
@@ -396,7 +398,7 @@ class SpectralMonitor:
                 out.append(specs)
                 continue
             (m, n), _, device, _ = key
-            size = max(1, self._batch_size(m, n, self._sketch_dtype(device, full)))
+            size = max(1, self._batch_size(m, n, self._sketch_dtype(device, full, m * n)))
             out.extend(specs[i : i + size] for i in range(0, len(specs), size))
         return out
 
@@ -429,7 +431,7 @@ class SpectralMonitor:
         # the cold niter for those layers bought no accuracy on the bench_scan GPT-2 setup, only time)
         warm = init is not None and self.config.warm_niter is not None
         niter = self.config.warm_niter if warm else self.config.niter
-        if len(chunk) == 1 and self._batch_size(m, n, self._sketch_dtype(device, full)) == 0:
+        if len(chunk) == 1 and self._batch_size(m, n, self._sketch_dtype(device, full, m * n)) == 0:
             parts = self._decompose_large(chunk[0], device, rank, init, niter, gen)
             full = False  # the full spectrum of an over-budget layer is not taken (erank is estimated)
         else:
@@ -448,7 +450,7 @@ class SpectralMonitor:
     def _base_u(self, states: list[_LayerState], W0: Tensor, gen: torch.Generator, **kw: Any) -> None:
         """Cache W_0's top-``base_k`` singular vectors (once per layer)."""
         if any(s.base_u is None for s in states):
-            kw.setdefault("sketch_dtype", self._sketch_dtype(W0.device))
+            kw.setdefault("sketch_dtype", self._sketch_dtype(W0.device, numel=W0.shape[-2] * W0.shape[-1]))
             U0, _, V0 = randomized_svd(
                 W0, self.config.base_k, niter=self.config.niter, oversample=self.config.oversample, generator=gen, **kw
             )
@@ -479,7 +481,7 @@ class SpectralMonitor:
         b = len(chunk)
         states = [self._state(s) for s in chunk]
         transposed = chunk[0].transposed
-        sketch = self._sketch_dtype(device, full)
+        sketch = self._sketch_dtype(device, full, m * n)
         layout = (n, m) if transposed else (m, n)
         wanted = [((b, *layout), sketch)] * (2 if cfg.intruders else 1)
         if sketch != torch.float32:
@@ -570,7 +572,7 @@ class SpectralMonitor:
                 None,
                 None,
             )
-        sketch = self._sketch_dtype(device)
+        sketch = self._sketch_dtype(device, numel=m * n)
         U, S, V = randomized_svd(
             W,
             rank,
@@ -745,7 +747,7 @@ class SpectralMonitor:
                 oversample=INTRUDER_OVERSAMPLE,
                 init=_intruder_start(st.base_v.to(Wt.device), V, top),
                 generator=self._generator(Wt.device, 1),
-                sketch_dtype=self._sketch_dtype(Wt.device),
+                sketch_dtype=self._sketch_dtype(Wt.device, numel=Wt.numel()),
             )
             vals["intruders"] = float(
                 intruder_count(

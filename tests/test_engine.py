@@ -669,6 +669,8 @@ def test_auto_sketch_dtype_follows_the_hardware(monkeypatch):
         mon = SpectralMonitor(single(8, 8))
         assert mon._sketch_dtype(cpu) == expected
         assert mon._sketch_dtype(cpu, full=True) == torch.float32  # full spectra need float32 ΔW
+        assert mon._sketch_dtype(cpu, numel=engine_mod.SMALL_LAYER) == torch.float32  # too small to repay bf16
+        assert mon._sketch_dtype(cpu, numel=engine_mod.SMALL_LAYER + 1) == expected
     assert SpectralMonitor(single(8, 8), sketch_dtype="float32")._sketch_dtype(cpu) == torch.float32
     monkeypatch.setattr(engine_mod, "_fast_bf16", lambda device: False)
     assert SpectralMonitor(single(8, 8), sketch_dtype="bfloat16")._sketch_dtype(cpu) == torch.bfloat16
