@@ -27,7 +27,7 @@ class MonitorConfig:
         and the last (the adapter passes ``final=True``). ``schedule(step) -> bool`` overrides it.
     Decomposition
         ``rank`` k of the randomized SVD of ΔW (oversampled by ``oversample``; ``niter`` power
-        iterations from a random start — the first measurement, W_0's cached SVD — and
+        iterations from a random start — the first measurement; at most 3 for W_0's cached basis — and
         ``warm_niter`` once warm-started from the previous measurement's
         subspace, None = ``niter``: the update moves slowly, and one warm iteration was more
         accurate than a cold ``niter=2`` in the benchmarks; a cold ``niter=6`` put α within 2% of

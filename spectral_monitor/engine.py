@@ -66,6 +66,9 @@ AGGREGATED = (
 )
 #: metrics also aggregated per layer type (q/k/v/o/up/down/gate)
 BY_TYPE = ("rho1", "alpha", "erank", "update_rel")
+#: power iterations for W_0's cached top-``base_k`` basis (at most): it serves alignments and the
+#: intruder test, which need its leading directions, not σ to a fraction of a percent
+BASE_NITER = 3
 #: layers of at most this many weights are batched by shape alone (see _chunks)
 SMALL_LAYER = 1 << 20
 INTRUDER_TOP = 10
@@ -452,7 +455,12 @@ class SpectralMonitor:
         if any(s.base_u is None for s in states):
             kw.setdefault("sketch_dtype", self._sketch_dtype(W0.device, numel=W0.shape[-2] * W0.shape[-1]))
             U0, _, V0 = randomized_svd(
-                W0, self.config.base_k, niter=self.config.niter, oversample=self.config.oversample, generator=gen, **kw
+                W0,
+                self.config.base_k,
+                niter=min(self.config.niter, BASE_NITER),
+                oversample=self.config.oversample,
+                generator=gen,
+                **kw,
             )
             for s, u0, v0 in zip(states, U0.reshape(-1, *U0.shape[-2:]), V0.reshape(-1, *V0.shape[-2:])):
                 s.base_u, s.base_v = u0, v0
