@@ -292,8 +292,9 @@ class PhaseProfile:
     Phases:
 
     * ``fill ΔW (+sparsity, isfinite)``: inside ``_measure_dense``, from entry to the first
-      randomized SVD (store reads, upcast copies, W_t copy for intruders, ΔW, sparsity, isfinite,
-      ``.tolist()`` of the finite mask) -- sparsity is also shown on its own;
+      randomized SVD (store reads, upcast copies, W_t copy for intruders, ΔW, its norm, sparsity,
+      isfinite, ``.tolist()`` of the finite mask) -- sparsity and the norms are also shown on
+      their own ("of which");
     * ``rsvd ΔW`` / ``rsvd W_0 (base, cached)`` / ``rsvd W_t (intruders)``: the three
       ``randomized_svd`` calls, told apart by their arguments;
     * ``power-law fit``, ``full spectrum (Gram+eigvalsh)``, ``frobenius``, ``intruder_count``;
@@ -351,12 +352,12 @@ class PhaseProfile:
             inner = sum(v for k, v in prof.totals.items() if not k.startswith(("_", "fill"))) - inner_before
             fill = (prof._first_rsvd - t0) if prof._first_rsvd is not None else 0.0
             prof._add("fill ΔW (+sparsity, isfinite)", fill)
-            # sparsity ran inside the fill window: do not count it twice in the remainder
-            prof._add("rest of _measure_dense", total - inner - fill + prof._sparsity_in_chunk)
-            prof._sparsity_in_chunk = 0.0
+            # sparsity and the norms ran inside the fill window: do not count them twice in the remainder
+            prof._add("rest of _measure_dense", total - inner - fill + prof._nested_in_chunk)
+            prof._nested_in_chunk = 0.0
             return out
 
-        self._sparsity_in_chunk = 0.0
+        self._nested_in_chunk = 0.0
         cls._measure_dense = measure_dense
         return self
 
@@ -383,15 +384,16 @@ class PhaseProfile:
                 key = "power-law fit"
             elif name == "full_singular_values":
                 key = "full spectrum (Gram+eigvalsh)"
-            elif name == "sparsity":
-                key = "  of which sparsity"
+            nested = name in ("sparsity", "frobenius_sq") and prof._first_rsvd is None and prof._entry is not None
+            if nested:  # called while ΔW is being filled: part of the fill phase
+                key = f"  of which {name}"
             sync(prof.device)
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
             sync(prof.device)
             dt = time.perf_counter() - t0
-            if name == "sparsity" and prof._first_rsvd is None:
-                prof._sparsity_in_chunk += dt
+            if nested:
+                prof._nested_in_chunk += dt
             prof._add(key, dt)
             return out
 
@@ -409,6 +411,7 @@ class PhaseProfile:
         order = [
             "fill ΔW (+sparsity, isfinite)",
             "  of which sparsity",
+            "  of which frobenius_sq",
             "rsvd ΔW",
             "rsvd W_0 (base)",
             "rsvd W_t (intruders)",
