@@ -200,8 +200,9 @@ class _Workspace:
             offset += size
         return out
 
-    def release(self, keep_cpu: bool = True) -> None:
-        self.flat = {d: t for d, t in self.flat.items() if keep_cpu and d.type == "cpu"}
+    def release(self) -> None:
+        """End of a measurement: keep the CPU buffer, hand device buffers back."""
+        self.flat = {d: t for d, t in self.flat.items() if d.type == "cpu"}
 
     @property
     def nbytes(self) -> int:

@@ -769,3 +769,33 @@ def test_small_layers_share_a_batch_across_ranks_and_a_zero_update_layer():
     for k in names[:2]:
         assert val(r, "align_prev", k) == pytest.approx(1.0, abs=1e-3)  # same directions, twice as large
     assert "spectral/align_prev/c" not in r.metrics and val(r, "update_norm", "c") == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_and_float32_sketches_agree_and_cuda_buffers_are_released():
+    """On a GPU the engine's two sketch dtypes give the same metrics (bf16 within ~1e-3), the
+    workspace goes back to the caching allocator after each measurement, and the RNG is untouched."""
+    m, n, names = 1024, 1536, ["a", "b"]  # over SMALL_LAYER: bf16 under "auto" on sm80+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({k: nn.Linear(n, m, bias=False) for k in names}).cuda()
+    deltas = {k: _realistic(m, n, seed=10 * i).float().cuda() for i, k in enumerate(names)}
+    state = torch.cuda.get_rng_state()
+    reports = {}
+    for dtype in ("float32", "auto"):
+        mon = SpectralMonitor(model, rank=8, sketch_dtype=dtype, adaptive_rank=False)
+        mon.snapshot()
+        with torch.no_grad():
+            for k in names:
+                model[k].weight += deltas[k]
+        reports[dtype] = mon.measure(1)
+        assert mon._workspace.nbytes == 0
+        with torch.no_grad():
+            for k in names:
+                model[k].weight -= deltas[k]
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    for k in names:
+        r32, r16 = reports["float32"], reports["auto"]
+        assert val(r16, "update_norm", k) == pytest.approx(val(r32, "update_norm", k), rel=1e-6)
+        assert val(r16, "sigma1", k) == pytest.approx(val(r32, "sigma1", k), rel=1e-3)
+        assert val(r16, "rho1", k) == pytest.approx(val(r32, "rho1", k), abs=1e-3)
