@@ -32,7 +32,8 @@ class MonitorConfig:
         subspace, None = ``niter``: the update moves slowly, and one warm iteration was more
         accurate than a cold ``niter=2`` in the benchmarks; a cold ``niter=6`` put α within 2% of
         the exact top-k fit on 35/36 GPT-2 layers against 25/36 with 3). With ``adaptive_rank`` a layer
-        whose power-law tail is not covered by the top-k gets k doubled next time, up to
+        whose power-law tail is not covered by the top-k, while the top-k fit still looks like a
+        power law (KS D <= ``alpha_max_ks`` or <= 1.36/sqrt(tail)), gets k doubled next time, up to
         ``max_rank`` and a quarter of the layer's smaller side (beyond that a sketch costs about
         as much as the exact full spectrum: use ``full_every``). Every ``full_every``-th
         measurement takes the full spectrum (exact effective rank and α; 0 = never).

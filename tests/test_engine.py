@@ -799,3 +799,33 @@ def test_cuda_bf16_and_float32_sketches_agree_and_cuda_buffers_are_released():
         assert val(r16, "update_norm", k) == pytest.approx(val(r32, "update_norm", k), rel=1e-6)
         assert val(r16, "sigma1", k) == pytest.approx(val(r32, "sigma1", k), rel=1e-3)
         assert val(r16, "rho1", k) == pytest.approx(val(r32, "rho1", k), abs=1e-3)
+
+
+# ------------------------------------------------------------------ adaptive rank
+def test_rank_doubles_when_a_power_law_tail_runs_past_the_sketch():
+    """σ_i ∝ i^(-1/3) (α = 2.5) over 200 directions: the top-16 fit reaches the cut with a small D."""
+    m = n = 256
+    model = single(m, n)
+    mon = SpectralMonitor(model, rank=16, intruders=False)
+    mon.snapshot()
+    s = 0.1 * torch.arange(1, 201, dtype=torch.float64) ** (-1 / 3)
+    set_canonical(mon, "q_proj", get_canonical(mon, "q_proj") + (orthonormal(m, 200, 1) * s) @ orthonormal(n, 200, 2).T)
+    r = mon.measure(1)
+    assert val(r, "alpha_tail", "q_proj") == 16.0 and val(r, "alpha_ks", "q_proj") < 0.1
+    assert mon._state(mon.specs[0]).rank == 32
+    assert val(mon.measure(2), "rank", "q_proj") == 32.0
+
+
+@pytest.mark.parametrize(
+    ("covered", "n_tail", "ks", "grows"),
+    [
+        (True, 16, 0.01, False),  # the tail ends inside the top-k: nothing to gain
+        (False, 32, 0.05, True),  # at the cut and a good fit
+        (False, 32, 0.2, True),  # D above alpha_max_ks but below 1.36/sqrt(32) = 0.24: cannot tell yet
+        (False, 32, 0.4, False),  # bulk-like edge (bench_scan: 0.38-0.51 on 32 values)
+        (False, 128, 0.15, False),  # 1.36/sqrt(128) = 0.12
+        (False, 0, float("nan"), False),  # no fit
+    ],
+)
+def test_rank_grows_only_while_the_tail_may_continue(covered, n_tail, ks, grows):
+    assert engine_mod._tail_may_continue(covered, n_tail, ks, 0.1) is grows
