@@ -345,15 +345,18 @@ def test_layer_larger_than_the_memory_budget(caplog):
     assert val(r, "gap", "q_proj") == pytest.approx(2.0, rel=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_over_budget_layer_streams_rows_and_agrees_with_the_batched_path(dtype):
-    """The row-streaming path (ΔW never formed) gives the numbers of the in-memory path."""
+@pytest.mark.parametrize(
+    ("dtype", "sketch"), [(torch.float32, "float32"), (torch.bfloat16, "float32"), (torch.float32, "bfloat16")]
+)
+def test_over_budget_layer_streams_rows_and_agrees_with_the_batched_path(dtype, sketch):
+    """The row-streaming path (ΔW never formed) gives the numbers of the in-memory path, also
+    with bf16 sketches (blocks rounded on the fly; batch: ΔW formed in float32, then rounded)."""
     m, n = 512, 300
     results = []
     for budget in (1, 64):  # 1 MB: over budget, streamed; 64 MB: formed in one buffer
         torch.manual_seed(0)
         model = single(m, n, dtype=dtype)
-        mon = SpectralMonitor(model, rank=6, memory_budget_mb=budget)
+        mon = SpectralMonitor(model, rank=6, memory_budget_mb=budget, sketch_dtype=sketch)
         mon.snapshot()
         W0 = get_canonical(mon, "q_proj")
         spike = 0.5 * torch.outer(unit(m, 3), unit(n, 4)) + 0.01 * orthonormal(m, 3, 5) @ orthonormal(n, 3, 6).T
@@ -362,8 +365,11 @@ def test_over_budget_layer_streams_rows_and_agrees_with_the_batched_path(dtype):
     streamed, batched = results
     # sparsity: exact when streamed, from a 65,536-entry strided sample in the batched path
     assert val(streamed, "sparsity", "q_proj") == pytest.approx(val(batched, "sparsity", "q_proj"), abs=5e-3)
+    # bf16: W_0's top-32 basis of this random (flat-spectrum) base is rounded differently in the two
+    # paths and turns a little, so align_base (a share of ‖u₁‖² in that basis) gets an absolute bound
+    tol, tol_abs = (1e-4, 1e-6) if sketch == "float32" else (2e-3, 2e-3)
     for metric in ("update_norm", "update_rel", "sigma1", "rho1", "align_base", "intruders"):
-        expected = pytest.approx(val(batched, metric, "q_proj"), rel=1e-4, abs=1e-6)
+        expected = pytest.approx(val(batched, metric, "q_proj"), rel=tol, abs=tol_abs)
         assert val(streamed, metric, "q_proj") == expected, metric
 
 
