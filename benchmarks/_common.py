@@ -295,8 +295,8 @@ class PhaseProfile:
       randomized SVD (store reads, upcast copies, W_t copy for intruders, ΔW, its norm, sparsity,
       isfinite, ``.tolist()`` of the finite mask) -- sparsity and the norms are also shown on
       their own ("of which");
-    * ``rsvd ΔW`` / ``rsvd W_0 (base, cached)`` / ``rsvd W_t (intruders)``: the three
-      ``randomized_svd`` calls, told apart by their arguments;
+    * ``rsvd ΔW`` / ``rsvd W_0 (base)``: the ``randomized_svd`` calls, told apart by their caller;
+      ``W_t sketch (intruders)``: ``sketch_left_vectors``;
     * ``power-law fit``, ``full spectrum (Gram+eigvalsh)``, ``frobenius``, ``intruder_count``;
     * ``rest of _measure_dense``: metric tensors, ``.cpu()`` copies, per-layer dicts, state updates;
     * ``outside _measure_dense``: grouping into chunks, aggregates, report keys.
@@ -310,6 +310,7 @@ class PhaseProfile:
         "full_singular_values",
         "intruder_count",
         "effective_rank",
+        "sketch_left_vectors",
     )
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
@@ -368,7 +369,7 @@ class PhaseProfile:
             key = name
             if name == "randomized_svd":
                 # told apart by caller: W_0's SVD is taken in _base_u; in the decompose step the
-                # first call is ΔW's, a later one W_t's (intruders)
+                # first call is ΔW's, a later one W_t's (intruders of an over-budget layer)
                 caller = sys._getframe(1).f_code.co_name
                 if caller == "_base_u":
                     key = "rsvd W_0 (base)"
@@ -384,6 +385,8 @@ class PhaseProfile:
                 key = "power-law fit"
             elif name == "full_singular_values":
                 key = "full spectrum (Gram+eigvalsh)"
+            elif name == "sketch_left_vectors":
+                key = "W_t sketch (intruders)"
             nested = name in ("sparsity", "frobenius_sq") and prof._first_rsvd is None and prof._entry is not None
             if nested:  # called while ΔW is being filled: part of the fill phase
                 key = f"  of which {name}"
@@ -415,6 +418,7 @@ class PhaseProfile:
             "rsvd ΔW",
             "rsvd W_0 (base)",
             "rsvd W_t (intruders)",
+            "W_t sketch (intruders)",
             "rsvd (LoRA base / W_t)",
             "full spectrum (Gram+eigvalsh)",
             "power-law fit",

@@ -219,9 +219,8 @@ def lean_gflop(shapes: list[tuple[int, int]]) -> float:
 
 def scan_gflop(monitor: SpectralMonitor, *, first: bool) -> float:
     """Matmul FLOPs of one measure(): 2(q+1) products of the m x n matrix with an n x l or m x l
-    block per randomized SVD (l = rank + oversample): ΔW's; W_t's for intruders (rank 10, the
-    engine's intruder oversampling, q = 0); W_0's on the first measurement (rank base_k). A layer
-    whose rank just grew runs the cold q; that is not counted here."""
+    block per randomized SVD (l = rank + oversample): ΔW's; W_0's on the first measurement (rank
+    base_k); plus, for intruders, the one product of W_t with 15 columns."""
     from spectral_monitor import engine
 
     cfg = monitor.config
@@ -234,8 +233,8 @@ def scan_gflop(monitor: SpectralMonitor, *, first: bool) -> float:
         m, n = spec.shape
         rank = monitor._state(spec).rank
         work = [(q_delta, min(rank + cfg.oversample, m, n))]
-        if cfg.intruders:
-            work.append((0, min(top + intr_over, m, n)))
+        if cfg.intruders:  # one product W_t Ω: counted as half of a q = 0 randomized SVD
+            total += 2 * m * n * min(top + intr_over, m, n)
         if first:
             work.append((cfg.niter, min(cfg.base_k + cfg.oversample, m, n)))
         total += sum((2 * q + 2) * 2 * m * n * l for q, l in work)

@@ -37,7 +37,7 @@ class MonitorConfig:
         ``max_rank`` and a quarter of the layer's smaller side (beyond that a sketch costs about
         as much as the exact full spectrum: use ``full_every``). Every ``full_every``-th
         measurement takes the full spectrum (exact effective rank and α; 0 = never).
-        ``sketch_dtype``: dtype of the products with ΔW and W_t (``auto``: ``bfloat16`` on CUDA
+        ``sketch_dtype``: dtype of ΔW's buffer and its products (``auto``: ``bfloat16`` on CUDA
         GPUs with bf16 tensor cores and on CPUs with AMX or AVX512-BF16 for layers over 2**20
         weights, else ``float32``).
         ΔW is formed in float32 (norms, sparsity and NaN checks use it) and rounded once; QRs
@@ -45,7 +45,7 @@ class MonitorConfig:
     Base
         ``base_store``: where W_0 lives (``auto``: reference model or LoRA factors when present,
         else ``device``); ``base_dir`` for ``disk``. ``memory_budget_mb`` bounds the working
-        set (ΔW and W_t buffers) of one batch of same-shape layers.
+        set (ΔW buffers) of one batch of same-shape layers.
     Safety
         ``strict=True`` raises errors from inside the monitor instead of logging them once
         and skipping the measurement.

@@ -35,6 +35,7 @@ from spectral_monitor.functional import (
     intruder_count,
     lora_svd,
     randomized_svd,
+    sketch_left_vectors,
     sparsity,
     spectral_gap,
     stable_rank,
@@ -88,8 +89,8 @@ def _tail_may_continue(covered: bool, n_tail: float, ks: float, max_ks: float) -
 def _intruder_start(base_v: Tensor, V: Tensor, top: int) -> Tensor:
     """Start of the sketch of W_t = W_0 + ΔW: W_0's top-``top`` right vectors and ΔW's top
     ``INTRUDER_OVERSAMPLE`` (``(*, n, top + 5)``). W_t's leading right subspace lies close to their
-    span, so one pass pair (``niter=0``) finds its top left vectors, and a direction ΔW adds outside
-    W_0's column space (an intruder) is in the sketch by construction."""
+    span, so one product W_t Ω gives its top left vectors (:func:`sketch_left_vectors`), and a
+    direction ΔW adds outside W_0's column space (an intruder) is in the sketch by construction."""
     return torch.cat([base_v[..., :top], V[..., :INTRUDER_OVERSAMPLE].to(base_v)], dim=-1)
 
 
@@ -354,7 +355,7 @@ class SpectralMonitor:
         return self.config.memory_budget_mb * 2**20
 
     def _sketch_dtype(self, device: torch.device, full: bool = False, numel: int | None = None) -> torch.dtype:
-        """dtype of the ΔW / W_t buffers and their products: float32 on full-spectrum measurements
+        """dtype of the ΔW buffers and their products: float32 on full-spectrum measurements
         and, with ``auto``, for layers of at most SMALL_LAYER weights (``numel``), whose products are
         too cheap for bf16 to repay its conversions."""
         choice = self.config.sketch_dtype
@@ -367,8 +368,8 @@ class SpectralMonitor:
         return torch.bfloat16 if self._fast_bf16[device] else torch.float32
 
     def _layer_bytes(self, m: int, n: int, dtype: torch.dtype) -> int:
-        """Buffer bytes per layer in a batch: ΔW, and W_t when intruders are counted."""
-        return m * n * dtype.itemsize * (2 if self.config.intruders else 1)
+        """Buffer bytes per layer in a batch: its ΔW (W_t is read in place)."""
+        return m * n * dtype.itemsize
 
     def _batch_size(self, m: int, n: int, dtype: torch.dtype) -> int:
         """Layers per batch within the budget (0: one layer is over it); a low-precision batch also
@@ -502,12 +503,11 @@ class SpectralMonitor:
         transposed = chunk[0].transposed
         sketch = self._sketch_dtype(device, full, m * n)
         layout = (n, m) if transposed else (m, n)
-        wanted = [((b, *layout), sketch)] * (2 if cfg.intruders else 1)
+        wanted = [((b, *layout), sketch)]
         if sketch != torch.float32:
             wanted.append((layout, torch.float32))
         buf, *rest = self._workspace.take(device, *wanted)
-        wbuf = rest.pop(0) if cfg.intruders else None
-        scratch = rest.pop(0) if rest else None
+        scratch = rest[0] if rest else None
         fro = torch.empty(b, device=device)
         spars = torch.empty(b, device=device)
         base_fro = torch.zeros(b, device=device)
@@ -525,8 +525,6 @@ class SpectralMonitor:
             spars[i] = _sampled_sparsity(d, W, B0, cfg.sparsity_eta)
             if scratch is not None:
                 buf[i].copy_(scratch)
-            if wbuf is not None:
-                wbuf[i].copy_(W)
             if states[i].base_fro is None:
                 base_fro[i] = torch.linalg.vector_norm(B0, dtype=torch.float32)
         finite_list = torch.isfinite(fro).tolist()
@@ -534,23 +532,17 @@ class SpectralMonitor:
             bad = ~torch.isfinite(fro)
             buf[bad] = 0.0
             fro[bad] = 0.0
-            if wbuf is not None:
-                wbuf[bad] = 0.0
         D = buf.mT if transposed else buf
-        Wt = None if wbuf is None else wbuf.mT if transposed else wbuf
         U, S, V = randomized_svd(
             D, rank, niter=niter, oversample=cfg.oversample, init=init, generator=gen, sketch_dtype=sketch
         )
         if any(s.base_u is None for s in states):  # first measurement only: W_0's SVD is cached
-            W0 = (Wt - D) if Wt is not None else self._stack_base(chunk, device, sketch)
-            self._base_u(states, W0, gen, sketch_dtype=sketch)
+            self._base_u(states, self._stack_base(chunk, device, sketch), gen, sketch_dtype=sketch)
         Ut = None
-        if Wt is not None:
+        if cfg.intruders:
             top = min(INTRUDER_TOP, m, n)
-            init_t = _intruder_start(torch.stack([st.base_v.to(device) for st in states]), V, top)
-            Ut, _, _ = randomized_svd(
-                Wt, top, niter=0, oversample=INTRUDER_OVERSAMPLE, init=init_t, generator=gen, sketch_dtype=sketch
-            )
+            start = _intruder_start(torch.stack([st.base_v.to(device) for st in states]), V, top)
+            Ut = sketch_left_vectors([s.canonical(s.parameter().detach()).to(device) for s in chunk], start, top)
         return _Parts(U, S, V, fro, spars, base_fro, finite_list, Ut, full_singular_values(D) if full else None)
 
     def _stack_base(self, chunk: list[LayerSpec], device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -765,15 +757,7 @@ class SpectralMonitor:
         if cfg.intruders:
             Wt = W0 + B @ A
             top = min(INTRUDER_TOP, *spec.shape)
-            Ut, _, _ = randomized_svd(
-                Wt,
-                top,
-                niter=0,
-                oversample=INTRUDER_OVERSAMPLE,
-                init=_intruder_start(st.base_v.to(Wt.device), V, top),
-                generator=self._generator(Wt.device, 1),
-                sketch_dtype=self._sketch_dtype(Wt.device, numel=Wt.numel()),
-            )
+            Ut = sketch_left_vectors([Wt], _intruder_start(st.base_v.to(Wt.device), V, top)[None], top)[0]
             vals["intruders"] = float(
                 intruder_count(
                     Ut, base_u, threshold=cfg.intruder_threshold, top=top, truncated=base_u.shape[-1] < min(*spec.shape)

@@ -1,7 +1,7 @@
 """Pure, stateless spectral math on torch tensors (batched over leading dims, float32 inside)."""
 
 from spectral_monitor.functional.powerlaw import PowerLawFit, fit_power_law
-from spectral_monitor.functional.rsvd import lora_svd, randomized_svd
+from spectral_monitor.functional.rsvd import lora_svd, randomized_svd, sketch_left_vectors
 from spectral_monitor.functional.spectrum import (
     abs_cosine,
     base_alignment,
@@ -28,6 +28,7 @@ __all__ = [
     "intruder_count",
     "lora_svd",
     "randomized_svd",
+    "sketch_left_vectors",
     "sparsity",
     "spectral_gap",
     "stable_rank",

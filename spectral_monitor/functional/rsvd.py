@@ -67,12 +67,12 @@ probabilistic algorithms for constructing approximate matrix decompositions*, SI
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["lora_svd", "randomized_svd"]
+__all__ = ["lora_svd", "randomized_svd", "sketch_left_vectors"]
 
 # Seed of the private generator used when the caller passes none (any constant would do).
 _DEFAULT_SEED = 0x5EC7
@@ -286,6 +286,32 @@ def _warm_test_matrix(init: Tensor, omega: Tensor, dtype: torch.dtype) -> Tensor
     init = init[..., :l].to(device=omega.device, dtype=dtype)
     fill = (omega[:, : l - init.shape[-1]] / n**0.5).expand(*init.shape[:-2], n, -1)
     return torch.cat([init, fill], dim=-1)
+
+
+@torch.no_grad()
+def sketch_left_vectors(matrices: Sequence[Tensor], start: Tensor, k: int) -> Tensor:
+    r"""Top-``k`` left singular vectors of each sketch :math:`A_i \Omega_i`, one pass over each :math:`A_i`.
+
+    Args:
+        matrices: ``b`` matrices :math:`A_i` ``(m, n)`` of one shape, any float dtype, used as they
+            are (no copy; a transposed view is multiplied in its fast orientation).
+        start: ``(b, n, l)`` columns that span (about) each :math:`A_i`'s leading right subspace;
+            orthonormalised here to :math:`\Omega_i`.
+        k: vectors wanted, ``<= l``.
+
+    Returns:
+        ``(b, m, k)`` float32: the left singular vectors of :math:`A_i \Omega_i` (QR, then the SVD
+        of the ``l x l`` factor), by decreasing singular value. They are :math:`A_i`'s own when
+        :math:`\Omega_i` spans its top-``l`` right subspace, and otherwise those of :math:`A_i`
+        restricted to that span: the one-pass estimate the monitor uses for W_t = W_0 + ΔW, with
+        :math:`\Omega` from W_0's and ΔW's top right vectors. Non-finite products give zeros.
+    """
+    omega = torch.linalg.qr(start.float()).Q
+    Y = torch.stack(
+        [_mm(A, omega[i].to(device=A.device, dtype=A.dtype), torch.float32) for i, A in enumerate(matrices)]
+    )
+    Q, R = torch.linalg.qr(torch.nan_to_num(Y, nan=0.0, posinf=0.0, neginf=0.0))
+    return Q @ torch.linalg.svd(R).U[..., :k]
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from spectral_monitor.functional.rsvd import lora_svd, randomized_svd
+from spectral_monitor.functional.rsvd import lora_svd, randomized_svd, sketch_left_vectors
 
 F64 = torch.float64
 
@@ -358,3 +358,31 @@ def test_bf16_sketch_matches_the_exact_svd_of_the_rounded_matrix(m: int, n: int)
         assert _rel_err(S, S0).max() < 5e-4
         assert _col_cos(V, Vh0.mT)[:8].min() > 1 - 1e-4
         assert torch.allclose(U.mT @ U, torch.eye(16), atol=1e-5)
+
+
+def test_sketch_left_vectors_exact_from_the_leading_right_subspace() -> None:
+    """Ω spanning A's top-l right subspace (mixed, not orthonormal) gives A's top-k left vectors;
+    works on transposed views and bf16 matrices; a NaN matrix gives finite output."""
+    A = _with_spectrum(300, 200, FAST[:200])
+    U0, _, Vh0 = torch.linalg.svd(A, full_matrices=False)
+    mix = torch.randn(12, 12, dtype=F64, generator=_gen(7))
+    start = (Vh0[:12].mT @ mix).float()  # same span, not orthonormal
+    A32 = A.float()
+    for mats in ([A32, A32.mT.contiguous().mT], [A32.bfloat16()]):
+        U = sketch_left_vectors(mats, start.expand(len(mats), -1, -1), 8)
+        assert U.shape == (len(mats), 300, 8) and U.dtype == torch.float32
+        tol = 1e-5 if mats[0].dtype == torch.float32 else 1e-2
+        assert _col_cos(U, U0).min() > 1 - tol
+    bad = A32.clone()
+    bad[0, 0] = float("nan")
+    assert sketch_left_vectors([bad], start[None], 8).isfinite().all()
+
+
+def test_sketch_left_vectors_is_a_restriction_when_the_start_misses() -> None:
+    """With Ω away from the top subspace the vectors are those of A Ω: the top direction is missed."""
+    A = _with_spectrum(300, 200, FAST[:200])
+    U0, _, Vh0 = torch.linalg.svd(A, full_matrices=False)
+    start = Vh0[20:32].mT.float()  # right vectors 21..32 only
+    U = sketch_left_vectors([A.float()], start[None], 4)[0]
+    assert _col_cos(U[:, :1], U0[:, 20:21]).item() > 1 - 1e-5  # the best A Ω holds is σ_21's
+    assert (U.double().mT @ U0[:, :1]).abs().max().item() < 1e-4
