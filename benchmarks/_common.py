@@ -320,7 +320,6 @@ class PhaseProfile:
         self._saved: dict[str, Any] = {}
         self._entry: float | None = None
         self._first_rsvd: float | None = None
-        self._rsvd_in_chunk = 0
 
     def _add(self, key: str, dt: float) -> None:
         self.totals[key] = self.totals.get(key, 0.0) + dt
@@ -344,7 +343,6 @@ class PhaseProfile:
             t0 = time.perf_counter()
             prof._entry = t0
             prof._first_rsvd = None
-            prof._rsvd_in_chunk = 0
             inner_before = sum(v for k, v in prof.totals.items() if not k.startswith(("_", "fill")))
             out = orig_dense(monitor, chunk, *args, **kwargs)
             sync(prof.device)
@@ -368,16 +366,9 @@ class PhaseProfile:
         def wrapped(*args, **kwargs):
             key = name
             if name == "randomized_svd":
-                # told apart by caller: W_0's SVD is taken in _base_u; in the decompose step the
-                # first call is ΔW's, a later one W_t's (intruders of an over-budget layer)
+                # told apart by caller: W_0's SVD is taken in _base_u, ΔW's in the decompose step
                 caller = sys._getframe(1).f_code.co_name
-                if caller == "_base_u":
-                    key = "rsvd W_0 (base)"
-                elif caller == "_measure_lora":
-                    key = "rsvd (LoRA base / W_t)"
-                else:
-                    key = "rsvd ΔW" if prof._rsvd_in_chunk == 0 else "rsvd W_t (intruders)"
-                    prof._rsvd_in_chunk += 1
+                key = "rsvd W_0 (base)" if caller == "_base_u" else "rsvd ΔW"
                 if prof._first_rsvd is None and prof._entry is not None:
                     sync(prof.device)
                     prof._first_rsvd = time.perf_counter()
@@ -417,9 +408,7 @@ class PhaseProfile:
             "  of which frobenius_sq",
             "rsvd ΔW",
             "rsvd W_0 (base)",
-            "rsvd W_t (intruders)",
             "W_t sketch (intruders)",
-            "rsvd (LoRA base / W_t)",
             "full spectrum (Gram+eigvalsh)",
             "power-law fit",
             "frobenius_sq",

@@ -375,6 +375,30 @@ def ratio(a: float | None, b: float | None) -> str:
     return fmt_g(a / b) if a and b else "-"
 
 
+def monitor_rows(
+    name: str, sm: dict, refs: list[tuple[float | None, float | None]], steady: str = "steady"
+) -> list[list[str]]:
+    """The first and steady table rows of one monitor config (``sm``: :func:`summarize`): wall,
+    CPU time, the wall and CPU ratio against each reference ``(wall_s, cpu_s)``, GFLOP, GFLOP/s."""
+    out = []
+    for phase, label, wall_s, wall, cpu_s in (
+        ("first", "first", sm["first_s"], fmt_s(sm["first_s"]), sm["first_cpu_s"]),
+        (
+            "steady",
+            steady,
+            sm["steady_best_s"],
+            tt(sm["steady_best_s"], sm["steady_median_s"]),
+            sm["steady_cpu_best_s"],
+        ),
+    ):
+        ratios = [r for ref_wall, ref_cpu in refs for r in (ratio(ref_wall, wall_s), ratio(ref_cpu, cpu_s))]
+        gflop = sm[f"{phase}_gflop"]
+        out.append(
+            [f"(c) measure() [{name}], {label}", wall, fmt_s(cpu_s), *ratios, f"{gflop:.0f}", f"{gflop / wall_s:.0f}"]
+        )
+    return out
+
+
 def rank_line(res: dict) -> str:
     return "; ".join(
         f"#{r['measurement']}: " + ", ".join(f"{c} at rank {k}" for k, c in r["rank_histogram"].items())
@@ -519,32 +543,7 @@ def main() -> None:
             "steady_fraction_of_peak": sm["steady_gflop"] / sm["steady_best_s"] / peak,
         }
         short = "WW-matched (full spectrum)" if label == matched_label else label
-        rows.append(
-            [
-                f"(c) measure() [{short}], first",
-                fmt_s(sm["first_s"]),
-                fmt_s(sm["first_cpu_s"]),
-                ratio(ww_s, sm["first_s"]),
-                ratio(ww_cpu, sm["first_cpu_s"]),
-                ratio(lt["best_s"], sm["first_s"]),
-                ratio(lt["cpu_best_s"], sm["first_cpu_s"]),
-                f"{sm['first_gflop']:.0f}",
-                f"{sm['first_gflop'] / sm['first_s']:.0f}",
-            ]
-        )
-        rows.append(
-            [
-                f"(c) measure() [{short}], steady",
-                tt(sm["steady_best_s"], sm["steady_median_s"]),
-                fmt_s(sm["steady_cpu_best_s"]),
-                ratio(ww_s, sm["steady_best_s"]),
-                ratio(ww_cpu, sm["steady_cpu_best_s"]),
-                ratio(lt["best_s"], sm["steady_best_s"]),
-                ratio(lt["cpu_best_s"], sm["steady_cpu_best_s"]),
-                f"{sm['steady_gflop']:.0f}",
-                f"{sm['steady_gflop'] / sm['steady_best_s']:.0f}",
-            ]
-        )
+        rows.extend(monitor_rows(short, sm, [(ww_s, ww_cpu), (lt["best_s"], lt["cpu_best_s"])]))
     print_table(hdr, rows)
     print(
         f"   matmul ceilings here: fp32 {peak:.0f}, bf16 {peak16:.0f} GFLOP/s (the GFLOP/s column counts the "
@@ -714,28 +713,7 @@ def main() -> None:
                 "steady_vs_lean": l7["best_s"] / sm["steady_best_s"],
                 "steady_vs_lean_cpu": l7["cpu_best_s"] / sm["steady_cpu_best_s"],
             }
-            rows7.append(
-                [
-                    f"(c) measure() [{label}], first",
-                    fmt_s(sm["first_s"]),
-                    fmt_s(sm["first_cpu_s"]),
-                    ratio(l7["best_s"], sm["first_s"]),
-                    ratio(l7["cpu_best_s"], sm["first_cpu_s"]),
-                    f"{sm['first_gflop']:.0f}",
-                    f"{sm['first_gflop'] / sm['first_s']:.0f}",
-                ]
-            )
-            rows7.append(
-                [
-                    f"(c) measure() [{label}], steady (#2, #3)",
-                    tt(sm["steady_best_s"], sm["steady_median_s"]),
-                    fmt_s(sm["steady_cpu_best_s"]),
-                    ratio(l7["best_s"], sm["steady_best_s"]),
-                    ratio(l7["cpu_best_s"], sm["steady_cpu_best_s"]),
-                    f"{sm['steady_gflop']:.0f}",
-                    f"{sm['steady_gflop'] / sm['steady_best_s']:.0f}",
-                ]
-            )
+            rows7.extend(monitor_rows(label, sm, [(l7["best_s"], l7["cpu_best_s"])], steady="steady (#2, #3)"))
             print(
                 f"   4096-wide [{label}]: "
                 + ", ".join(f"#{r['measurement']}: {fmt_s(r['measure_s'])}" for r in res["rows"])

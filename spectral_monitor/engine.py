@@ -440,7 +440,9 @@ class SpectralMonitor:
         init = None
         if any(s.prev_v is not None for s in states):  # a layer without one (last update 0 or NaN): random
             k0 = min(s.prev_v.shape[-1] for s in states if s.prev_v is not None)
-            fill = torch.randn(n, k0, generator=gen, device=gen.device).to(device)
+            fill = None
+            if not all(s.prev_v is not None for s in states):
+                fill = torch.randn(n, k0, generator=gen, device=gen.device).to(device)
             init = torch.stack([fill if s.prev_v is None else s.prev_v[:, :k0].to(device) for s in states])
         # warm-started (after a rank increase the previous subspace fills the first columns; running
         # the cold niter for those layers bought no accuracy on the bench_scan GPT-2 setup, only time)
@@ -597,19 +599,10 @@ class SpectralMonitor:
         )
         self._base_u([self._state(spec)], B0, gen, block_rows=rows, sketch_dtype=sketch)
         Ut = None
-        if cfg.intruders:
+        if cfg.intruders:  # one product with W in place (on its own device): no block copies needed
             top = min(INTRUDER_TOP, m, n)
-            Ut, _, _ = randomized_svd(
-                W,
-                top,
-                niter=0,
-                oversample=INTRUDER_OVERSAMPLE,
-                init=_intruder_start(self._state(spec).base_v.to(device), V, top),
-                generator=gen,
-                block_rows=rows,
-                sketch_dtype=sketch,
-            )
-            Ut = Ut[None]
+            start = _intruder_start(self._state(spec).base_v.to(device), V, top)
+            Ut = sketch_left_vectors([W], start[None], top).to(device)
         return _Parts(
             U[None],
             S[None],
