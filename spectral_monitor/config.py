@@ -41,7 +41,7 @@ class MonitorConfig:
         GPUs with bf16 tensor cores and on CPUs with AMX or AVX512-BF16 for layers over 2**20
         weights, else ``float32``).
         ΔW is formed in float32 (norms, sparsity and NaN checks use it) and rounded once; QRs
-        and the small SVDs stay float32/64, so σ moves by ~1e-4 relative (docs/metrics.md).
+        and the small SVDs stay float32/64, so σ moves by <= 3e-4 relative (docs/metrics.md).
     Base
         ``base_store``: where W_0 lives (``auto``: reference model or LoRA factors when present,
         else ``device``); ``base_dir`` for ``disk``. ``memory_budget_mb`` bounds the working
