@@ -89,12 +89,10 @@ class StepReport:
 
     def layer_values(self, metric: str) -> dict[str, float]:
         """``{layer: value}`` of one per-layer metric."""
-        out = {}
-        for key, value in self.metrics.items():
-            split = split_layer_key(key)
-            if split is not None and split[0] == metric:
-                out[split[1]] = value
-        return out
+        if metric in ("model", "alert", "monitor", "context"):
+            return {}
+        prefix = f"{PREFIX}/{metric}/"
+        return {key[len(prefix) :]: value for key, value in self.metrics.items() if key.startswith(prefix)}
 
     @property
     def layers(self) -> list[str]:

@@ -363,7 +363,7 @@ def test_over_budget_layer_streams_rows_and_agrees_with_the_batched_path(dtype, 
         set_canonical(mon, "q_proj", W0 + spike)
         results.append(mon.measure(1))
     streamed, batched = results
-    # sparsity: exact when streamed, from a 65,536-entry strided sample in the batched path
+    # sparsity: exact when streamed, from a 16,384-entry strided sample in the batched path
     assert val(streamed, "sparsity", "q_proj") == pytest.approx(val(batched, "sparsity", "q_proj"), abs=5e-3)
     # bf16: W_0's top-32 basis of this random (flat-spectrum) base is rounded differently in the two
     # paths and turns a little, so align_base (a share of ‖u₁‖² in that basis) gets an absolute bound
@@ -742,7 +742,7 @@ def test_bf16_update_is_rounded_after_the_float32_subtraction():
 
 
 def test_sampled_sparsity_of_a_large_layer_is_within_its_error_bar():
-    """> 4 x 65,536 entries: runs of 64 entries sampled; planted 30 % unchanged entries."""
+    """> 4 x 16,384 entries: runs of 64 entries sampled; planted 30 % unchanged entries."""
     m, n = 640, 512
     model = single(m, n)
     mon = SpectralMonitor(model, rank=4)
