@@ -26,12 +26,14 @@ class MonitorConfig:
         Measure every ``every_n_steps`` optimizer steps, plus the first step (``measure_first``)
         and the last (the adapter passes ``final=True``). ``schedule(step) -> bool`` overrides it.
     Decomposition
-        ``rank`` k of the randomized SVD of ΔW (oversampled by ``oversample``; ``niter`` power
+        ``rank`` k of the randomized SVD of ΔW (oversampled by ``oversample``, twice that from a cold
+        start, where a wider sketch buys the accuracy near the cut; ``niter`` power
         iterations from a random start — the first measurement; at most 3 for W_0's cached basis — and
         ``warm_niter`` once warm-started from the previous measurement's
         subspace, None = ``niter``: the update moves slowly, and one warm iteration was more
         accurate than a cold ``niter=2`` in the benchmarks; a cold ``niter=6`` put α within 2% of
-        the exact top-k fit on 35/36 GPT-2 layers against 25/36 with 3). With ``adaptive_rank`` a layer
+        the exact top-k fit on 35/36 GPT-2 layers against 25/36 with 3, and the twice wider cold
+        sketch on 36/36). With ``adaptive_rank`` a layer
         whose power-law tail is not covered by the top-k, while the top-k fit still looks like a
         power law (KS D <= ``alpha_max_ks`` or <= 1.36/sqrt(tail)), gets k doubled next time, up to
         ``max_rank`` and a quarter of the layer's smaller side (beyond that a sketch costs about

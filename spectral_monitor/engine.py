@@ -73,6 +73,12 @@ BASE_NITER = 3
 #: layers of at most this many weights are batched by shape alone (see _chunks)
 SMALL_LAYER = 1 << 20
 INTRUDER_TOP = 10
+#: a cold sketch (no previous subspace: the first measurement, or a layer whose last update was 0
+#: or NaN) oversamples this many times ``oversample``: near the cut of a slowly decaying spectrum a
+#: wider sketch converges where more power iterations barely do (bench_scan's GPT-2: α within 2 %
+#: of the exact top-k fit on 36/36 reliable layers, worst 1.3 %, against 35/36, worst 4.1 %; paid
+#: once per run)
+COLD_OVERSAMPLE = 2
 INTRUDER_OVERSAMPLE = 5
 
 
@@ -368,6 +374,10 @@ class SpectralMonitor:
             self._fast_bf16[device] = _fast_bf16(device)
         return torch.bfloat16 if self._fast_bf16[device] else torch.float32
 
+    def _oversample(self, init: Tensor | None) -> int:
+        """Sketch columns beyond the rank: ``oversample``, COLD_OVERSAMPLE times that without a warm start."""
+        return self.config.oversample * (COLD_OVERSAMPLE if init is None else 1)
+
     def _layer_bytes(self, m: int, n: int, dtype: torch.dtype) -> int:
         """Buffer bytes per layer in a batch: its ΔW (W_t is read in place)."""
         return m * n * dtype.itemsize
@@ -539,7 +549,7 @@ class SpectralMonitor:
             fro[bad] = 0.0
         D = buf.mT if transposed else buf
         U, S, V = randomized_svd(
-            D, rank, niter=niter, oversample=cfg.oversample, init=init, generator=gen, sketch_dtype=sketch
+            D, rank, niter=niter, oversample=self._oversample(init), init=init, generator=gen, sketch_dtype=sketch
         )
         if any(s.base_u is None for s in states):  # first measurement only: W_0's SVD is cached
             self._base_u(states, self._stack_base(chunk, device, sketch), gen, sketch_dtype=sketch)
@@ -593,7 +603,7 @@ class SpectralMonitor:
             W,
             rank,
             niter=niter,
-            oversample=cfg.oversample,
+            oversample=self._oversample(init),
             base=B0,
             init=init,
             generator=gen,

@@ -427,6 +427,28 @@ def test_warm_start_uses_the_previous_right_subspace(monkeypatch):
     assert all(b < a for a, b in itertools.pairwise(errors))
 
 
+def test_a_cold_sketch_is_twice_as_wide(monkeypatch):
+    """No previous subspace (first measurement, or after a zero update): 2 x oversample columns."""
+    m, n = 60, 50
+    model = single(m, n)
+    mon = SpectralMonitor(model, rank=4, oversample=5, adaptive_rank=False, intruders=False)
+    mon.snapshot()
+    W0 = get_canonical(mon, "q_proj")
+    calls = []
+    real = engine_mod.randomized_svd
+
+    def spy(A, rank, **kw):
+        if rank == 4:  # the ΔW sketch (the base's has rank base_k)
+            calls.append((kw["oversample"], kw.get("init") is not None))
+        return real(A, rank, **kw)
+
+    monkeypatch.setattr(engine_mod, "randomized_svd", spy)
+    for step, scale in enumerate((1.0, 2.0, 0.0, 1.0), start=1):  # the third update is zero
+        set_canonical(mon, "q_proj", W0 + scale * _realistic(m, n, seed=0, r=3, noise=1e-3))
+        mon.measure(step)
+    assert calls == [(10, False), (5, True), (5, True), (10, False)]
+
+
 def test_state_dict_round_trip_gives_the_same_next_measurement():
     model = gpt2()
     cfg = MonitorConfig(rank=4, base_k=8)
