@@ -18,8 +18,9 @@ machine hit both alike (default 2 pairs). Reported:
   the median ``measure_s`` of the monitor, and one measurement's cost in training steps;
 * a per-phase profile of one extra measurement of the trained model after the last run.
 
-Run: ``python benchmarks/bench_overhead.py [--quick] [--threads N] [--json out.json]``
-(``--quick``: 50 steps, one pair.)
+Run: ``python benchmarks/bench_overhead.py [--quick] [--threads N] [--seq N] [--json out.json]``
+(``--quick``: 50 steps, one pair; ``--seq N``: N-token sequences instead of 64, the same model and
+measurements against a longer training step.)
 """
 
 from __future__ import annotations
@@ -169,10 +170,13 @@ def one_run(monitor: bool, steps: int, data: TokenDataset, profile: bool = False
 
 
 def main() -> None:
+    global SEQ
     p = base_parser(__doc__.splitlines()[0], device=False)
     p.add_argument("--pairs", type=int, default=None, help="interleaved (off, on) pairs (default 2; quick 1)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200; quick 50)")
+    p.add_argument("--seq", type=int, default=SEQ, help=f"tokens per sequence (default {SEQ})")
     args = p.parse_args()
+    SEQ = args.seq
     info = machine_info("cpu")
     print_machine(info, "bench_overhead: HF Trainer with and without SpectralMonitorCallback()")
     logging.getLogger("transformers").setLevel(logging.ERROR)
