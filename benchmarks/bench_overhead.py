@@ -15,7 +15,9 @@ machine hit both alike (default 2 pairs). Reported:
 * the callback's own time (every callback event timed from outside, by wrapping its methods) as a
   share of the training time: the same overhead measured directly, without the run-to-run noise;
 * step time (median interval between ``on_step_end`` events of the runs without the monitor),
-  the median ``measure_s`` of the monitor, and one measurement's cost in training steps;
+  the same median with the monitor on (it leaves out the few intervals that hold a measurement,
+  so it shows whether the steps in between got slower), the median ``measure_s`` of the monitor,
+  and one measurement's cost in training steps;
 * a per-phase profile of one extra measurement of the trained model after the last run.
 
 Run: ``python benchmarks/bench_overhead.py [--quick] [--threads N] [--seq N] [--json out.json]``
@@ -214,6 +216,9 @@ def main() -> None:
     on = [r["train_s"] for r in runs if r["monitor"]]
     cb_s = [r["callback_s"] for r in runs if r["monitor"]]
     step_s = statistics.median([dt for r in runs if not r["monitor"] for dt in r["step_intervals"]])
+    # with the monitor on, the median leaves out the few intervals that hold a measurement: it shows
+    # whether the steps in between got slower (cache pollution, memory pressure, per-step hooks)
+    step_on_s = statistics.median([dt for r in runs if r["monitor"] for dt in r["step_intervals"]])
     med_off, med_on = statistics.median(off), statistics.median(on)
     wall_overhead = (med_on - med_off) / med_off
     direct = statistics.median(c / t for c, t in zip(cb_s, off))
@@ -233,6 +238,10 @@ def main() -> None:
             ["callback's own time per run (all events)", ", ".join(fmt_s(x) for x in cb_s)],
             ["overhead measured directly: callback time / train time off", f"{100 * direct:.2f}%"],
             ["median step time (monitor off)", fmt_s(step_s)],
+            [
+                "median step time (monitor on), change vs off",
+                f"{fmt_s(step_on_s)}, {100 * (step_on_s / step_s - 1):+.2f}%",
+            ],
             ["median measure() time", fmt_s(measure_med)],
             ["one measurement in training steps", f"{measure_med / step_s:.2f}"],
             [
@@ -267,6 +276,7 @@ def main() -> None:
             "wall_overhead": wall_overhead,
             "direct_overhead": direct,
             "step_s": step_s,
+            "step_on_s": step_on_s,
             "measure_s": measure_times,
             "measure_median_s": measure_med,
             "measure_in_steps": measure_med / step_s,
