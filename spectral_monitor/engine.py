@@ -73,13 +73,13 @@ BASE_NITER = 3
 #: layers of at most this many weights are batched by shape alone (see _chunks)
 SMALL_LAYER = 1 << 20
 INTRUDER_TOP = 10
+INTRUDER_OVERSAMPLE = 5
 #: a cold sketch (no previous subspace: the first measurement, or a layer whose last update was 0
 #: or NaN) oversamples this many times ``oversample``: near the cut of a slowly decaying spectrum a
 #: wider sketch converges where more power iterations barely do (bench_scan's GPT-2: α within 2 %
-#: of the exact top-k fit on 36/36 reliable layers, worst 1.3 %, against 35/36, worst 4.1 %; paid
+#: of the exact top-k fit on 36/36 reliable layers, worst 1.2 %, against 35/36, worst 4.1 %; paid
 #: once per run)
 COLD_OVERSAMPLE = 2
-INTRUDER_OVERSAMPLE = 5
 
 
 def _tail_may_continue(covered: bool, n_tail: float, ks: float, max_ks: float) -> bool:

@@ -764,7 +764,7 @@ def test_bf16_update_is_rounded_after_the_float32_subtraction():
 
 
 def test_sampled_sparsity_of_a_large_layer_is_within_its_error_bar():
-    """> 4 x 16,384 entries: runs of 64 entries sampled; planted 30 % unchanged entries."""
+    """Over 16,384 entries: runs of 64 entries sampled; planted 30 % unchanged entries."""
     m, n = 640, 512
     model = single(m, n)
     mon = SpectralMonitor(model, rank=4)
