@@ -521,7 +521,7 @@ class SpectralMonitor:
             wanted.append((layout, torch.float32))
         buf, *rest = self._workspace.take(device, *wanted)
         scratch = rest[0] if rest else None
-        fro = torch.empty(b, device=device)
+        fro = torch.empty(b, device=device) if scratch is not None else None  # else one call below
         spars = torch.empty(b, device=device)
         base_fro = torch.zeros(b, device=device)
         for i, spec in enumerate(chunk):

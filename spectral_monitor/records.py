@@ -36,10 +36,14 @@ def alert_key(rule: str) -> str:
     return f"{PREFIX}/alert/{rule}"
 
 
+#: second key components that are not per-layer metrics
+NOT_LAYER = ("model", "alert", "monitor", "context")
+
+
 def split_layer_key(key: str) -> tuple[str, str] | None:
     """Inverse of :func:`layer_key`: ``(metric, layer)``, or None for model/alert/monitor/context keys."""
     parts = key.split("/", 2)
-    if len(parts) != 3 or parts[0] != PREFIX or parts[1] in ("model", "alert", "monitor", "context"):
+    if len(parts) != 3 or parts[0] != PREFIX or parts[1] in NOT_LAYER:
         return None
     return parts[1], parts[2]
 
@@ -89,7 +93,7 @@ class StepReport:
 
     def layer_values(self, metric: str) -> dict[str, float]:
         """``{layer: value}`` of one per-layer metric."""
-        if metric in ("model", "alert", "monitor", "context"):
+        if metric in NOT_LAYER:
             return {}
         prefix = f"{PREFIX}/{metric}/"
         return {key[len(prefix) :]: value for key, value in self.metrics.items() if key.startswith(prefix)}
