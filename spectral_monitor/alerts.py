@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spectral_monitor.errors import ConfigError
-from spectral_monitor.records import Alert, StepReport, model_key
+from spectral_monitor.records import Alert, StepReport
 
 __all__ = [
     "AlphaOutOfBand",
@@ -157,7 +157,7 @@ class EffectiveRankDrop(Rule):
     stop: bool = False
 
     def condition(self, report: StepReport, ref: float | None) -> Condition:
-        value = report.metrics.get(model_key("erank_mean"))
+        value = report.aggregate("erank", "mean")
         if value is None or not math.isfinite(value) or value <= 0:
             return Condition(False, ref=ref)
         if ref is None:
@@ -186,7 +186,7 @@ class UpdateNormBlowup(Rule):
     def condition(self, report: StepReport, ref: float | None) -> Condition:
         rel = report.layer_values("update_rel")
         _, hits = _frac(rel, lambda v: v > self.max_rel)
-        total = report.metrics.get(model_key("update_norm_total"), 0.0)
+        total = report.model.get("update_norm_total", 0.0)
         grew = self.growth is not None and ref is not None and ref > 0 and total > self.growth * ref
         worst = max(rel.values(), default=0.0)
         return Condition(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LayerSpec", "select_layers"]
+__all__ = ["LayerSpec", "LoraAdapter", "select_layers"]
 
 # Never monitored by "all-linear": embeddings, output heads, classifier heads.
 DEFAULT_EXCLUDE = (
@@ -68,27 +68,48 @@ class LayerSpec:
         """A ``(out, in)`` view of a weight stored in this layer's parameter orientation."""
         return weight.t() if self.transposed else weight
 
-    def lora_factors(self) -> tuple[Tensor, Tensor] | None:
-        """``(B, A)`` with ΔW = B @ A in canonical orientation, scales folded into B, float32.
+    def lora_adapters(self) -> list[LoraAdapter]:
+        """The active adapters of a LoRA layer (empty when none is active).
 
-        Sums over active adapters by concatenation (exact). None when the layer has no active
-        adapter. Raises ``ValueError`` for merged adapters and DoRA (ΔW is not B·A there).
+        Raises ``ValueError`` with the reason when ΔW is not Σ scale·B·A: a merged adapter, or a
+        LoRA variant such as DoRA.
         """
         mod = self.module
         if getattr(mod, "merged", False):
             raise ValueError("LoRA adapter is merged into the base weight; ΔW cannot be read from B·A")
-        bs, as_ = [], []
+        variants = getattr(mod, "lora_variant", {}) or {}
+        out = []
         for name in mod.active_adapters:
             if name not in mod.lora_A:
                 continue
-            if getattr(mod, "use_dora", {}).get(name, False):
-                raise ValueError("DoRA adapter: its ΔW is not scale·B·A (unsupported)")
-            scale = float(mod.scaling[name])
-            bs.append(mod.lora_B[name].weight.detach().float() * scale)
-            as_.append(mod.lora_A[name].weight.detach().float())
-        if not bs:
+            if name in variants or getattr(mod, "use_dora", {}).get(name, False):
+                raise ValueError(f"adapter {name!r} is a LoRA variant (e.g. DoRA): its update is not scale·B·A")
+            out.append(LoraAdapter(name, float(mod.scaling[name]), mod.lora_A[name].weight, mod.lora_B[name].weight))
+        return out
+
+    def lora_factors(self) -> tuple[Tensor, Tensor] | None:
+        """``(B, A)`` with ΔW = B @ A in canonical orientation, scales folded into B, float32.
+
+        Sums over active adapters by concatenation (exact). None when the layer has no active
+        adapter; ``ValueError`` as in :meth:`lora_adapters`.
+        """
+        adapters = self.lora_adapters()
+        if not adapters:
             return None
-        return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+        B = torch.cat([a.B.detach().float() * a.scale for a in adapters], dim=1)
+        A = torch.cat([a.A.detach().float() for a in adapters], dim=0)
+        return B, A
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """One active LoRA adapter of a layer: ΔW_a = ``scale`` · B A with ``B`` ``(out, r)`` and ``A``
+    ``(r, in)`` in canonical orientation (the parameters themselves)."""
+
+    name: str
+    scale: float
+    A: nn.Parameter
+    B: nn.Parameter
 
 
 def _is_conv1d(module: nn.Module) -> bool:

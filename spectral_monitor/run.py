@@ -19,7 +19,7 @@ from torch import nn
 from spectral_monitor.alerts import Rule, State, default_rules, evaluate
 from spectral_monitor.config import MonitorConfig
 from spectral_monitor.engine import SpectralMonitor
-from spectral_monitor.records import PREFIX, StepReport, alert_key
+from spectral_monitor.records import StepReport
 from spectral_monitor.sinks.base import Sink
 
 __all__ = ["Decision", "MonitorRun"]
@@ -43,16 +43,17 @@ class Decision:
     def measured(self) -> bool:
         return self.report is not None
 
+    def overview(self) -> dict[str, float]:
+        """The report's compact overview keys (:meth:`StepReport.overview`), finite values only."""
+        if self.report is None:
+            return {}
+        return {k: v for k, v in self.report.overview().items() if math.isfinite(v)}
+
     def summary(self) -> dict[str, float]:
         """Model-level aggregates and alert flags only (small enough for ``Trainer.log``)."""
         if self.report is None:
             return {}
-        return {
-            k: v
-            for k, v in self.report.metrics.items()
-            if k.startswith((f"{PREFIX}/model/", f"{PREFIX}/alert/", f"{PREFIX}/context/", f"{PREFIX}/probe/"))
-            and math.isfinite(v)
-        }
+        return {k: v for k, v in self.report.model_level().items() if math.isfinite(v)}
 
 
 class MonitorRun:
@@ -111,7 +112,11 @@ class MonitorRun:
         return final or self.config.is_scheduled(step)
 
     def record_context(self, values: Mapping[str, Any]) -> None:
-        """Remember the trainer's latest scalars (reward, kl, loss, ...) to log beside the spectra."""
+        """Remember the trainer's latest scalars (reward, kl, loss, ...) to log beside the spectra.
+
+        Plain names are context (``spectral/context/<name>``); keys already in the schema keep their
+        place (e.g. :func:`~spectral_monitor.rank_k_probe`'s ``spectral/probe/...`` keys are probes).
+        """
         for key, value in values.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 self.context[key] = float(value)
@@ -138,12 +143,10 @@ class MonitorRun:
             )
             return Decision()
         for key, value in self.context.items():
-            # keys already in the schema (e.g. a probe's spectral/probe/...) keep their name
-            report.metrics[key if key.startswith(f"{PREFIX}/") else f"{PREFIX}/context/{key}"] = value
+            report.put(key, value)
         report.alerts, self.rule_states = evaluate(self.rules, self.rule_states, report, early_stop=self.early_stop)
         patience = {r.name: r.patience for r in self.rules}
         for alert in report.alerts:
-            report.metrics[alert_key(alert.rule)] = 1.0
             # warn when a rule starts firing; while it keeps firing, the metric and sinks carry it
             newly = self.rule_states[alert.rule]["count"] == patience[alert.rule]
             log.log(logging.WARNING if newly else logging.DEBUG, alert.message)

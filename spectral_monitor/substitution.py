@@ -70,7 +70,7 @@ from spectral_monitor.layers import LayerSpec
 from spectral_monitor.records import PREFIX
 from spectral_monitor.snapshot import strip_wrappers
 
-__all__ = ["LayerSubstitution", "SubstitutionInfo", "rank_k_probe", "substitute_", "substituted"]
+__all__ = ["LayerSubstitution", "SubstitutionInfo", "SubstitutionOptions", "rank_k_probe", "substitute_", "substituted"]
 
 log = logging.getLogger("spectral_monitor")
 
@@ -132,7 +132,7 @@ class SubstitutionInfo:
         total = sum(s.update_norm for s in self.layers.values())
         return sum(s.kept_norm for s in self.layers.values()) / total if total > 0 else math.nan
 
-    def metrics(self, prefix: str = f"{PREFIX}/substitution") -> dict[str, float]:
+    def metrics(self, prefix: str = f"{PREFIX}/probe/substitution") -> dict[str, float]:
         """Flat keys: ``<prefix>/energy_share/<layer>``, ``<prefix>/norm_ratio/<layer>``, the totals
         ``<prefix>/energy_share``, ``<prefix>/norm_ratio`` and ``<prefix>/skipped`` (a count)."""
         out = {f"{prefix}/energy_share": self.energy_share, f"{prefix}/norm_ratio": self.norm_ratio}
@@ -143,57 +143,62 @@ class SubstitutionInfo:
         return out
 
 
+@dataclass(frozen=True, kw_only=True)
+class SubstitutionOptions:
+    """How to substitute.
+
+    ``rank``: k >= 0 components kept per layer (0: the base weights). ``rescale``: c = ‖ΔW‖_F /
+    ‖ΔW_k‖_F (AlphaRL) instead of c = 1. ``revert_unmonitored``: also set the unmonitored
+    parameters to their base values, read from ``base_state_dict`` or, when that is None, from the
+    monitor's ``reference`` module. ``exact``: full SVD per layer instead of the randomized one.
+    ``niter``, ``oversample``: randomized-SVD power iterations and oversampling (``oversample``
+    defaults to the monitor's config). ``seed``: seed of the private generator (default: the
+    monitor's config seed). ``backup_device``: where the originals are kept meanwhile (default:
+    each parameter's own device; ``"cpu"`` to spare accelerator memory). ``strict``: raise instead
+    of skipping a layer that cannot be substituted (non-finite weights, DoRA, merged adapter);
+    default: the monitor's ``config.strict``.
+    """
+
+    rank: int = 1
+    rescale: bool = False
+    revert_unmonitored: bool = False
+    base_state_dict: Mapping[str, Tensor] | None = field(default=None, repr=False, compare=False)
+    exact: bool = False
+    niter: int = DEFAULT_NITER
+    oversample: int | None = None
+    seed: int | None = None
+    backup_device: str | torch.device | None = None
+    strict: bool | None = None
+
+    def __post_init__(self) -> None:
+        _check_rank(self.rank)
+        if not isinstance(self.niter, int) or isinstance(self.niter, bool) or self.niter < 0:
+            raise ValueError(f"niter must be an int >= 0, got niter={self.niter!r}")
+
+
+def _options(rank: int, options: SubstitutionOptions | None, kwargs: Mapping[str, Any]) -> SubstitutionOptions:
+    if options is None:
+        return SubstitutionOptions(rank=rank, **kwargs)
+    if kwargs:
+        raise TypeError("pass either options=SubstitutionOptions(...) or keyword arguments, not both")
+    return options
+
+
 # ----------------------------------------------------------------------------- public API
 @contextlib.contextmanager
 def substituted(
-    monitor: Any,
-    rank: int = 1,
-    *,
-    rescale: bool = False,
-    revert_unmonitored: bool = False,
-    base_state_dict: Mapping[str, Tensor] | None = None,
-    exact: bool = False,
-    niter: int = DEFAULT_NITER,
-    oversample: int | None = None,
-    seed: int | None = None,
-    backup_device: str | torch.device | None = None,
-    strict: bool | None = None,
+    monitor: Any, rank: int = 1, *, options: SubstitutionOptions | None = None, **kwargs: Any
 ) -> Iterator[SubstitutionInfo]:
     """Temporarily set every monitored weight to W_0 + c·ΔW_k; restore it bit for bit on exit.
 
-    Args:
-        monitor: a :class:`SpectralMonitor` with a base (or a :class:`MonitorRun`).
-        rank: k >= 0 components kept per layer (0: the base weights).
-        rescale: c = ‖ΔW‖_F / ‖ΔW_k‖_F (AlphaRL) instead of c = 1.
-        revert_unmonitored: also set the unmonitored parameters to their base values, read from
-            ``base_state_dict`` or, when that is None, from the monitor's ``reference`` module.
-        exact: full SVD per layer instead of the randomized one (small layers, tests).
-        niter, oversample: randomized-SVD power iterations and oversampling (``oversample``
-            defaults to the monitor's config).
-        seed: seed of the private generator (default: the monitor's config seed).
-        backup_device: where the originals are kept meanwhile (default: each parameter's own
-            device; ``"cpu"`` to spare accelerator memory).
-        strict: raise instead of skipping a layer that cannot be substituted (non-finite
-            weights, DoRA, merged adapter); default: the monitor's ``config.strict``.
+    ``monitor``: a :class:`SpectralMonitor` with a base (or a :class:`MonitorRun`); ``rank`` and the
+    other keyword arguments are the fields of :class:`SubstitutionOptions` (or pass ``options=``).
 
-    Yields:
-        :class:`SubstitutionInfo`. Every touched parameter keeps its storage; its values are
-        copied back from the backup in ``finally``, so they are bit-identical afterwards, also
-        when the body raises.
+    Yields :class:`SubstitutionInfo`. Every touched parameter keeps its storage; its values are
+    copied back from the backup in ``finally``, so they are bit-identical afterwards, also when
+    the body raises.
     """
-    job = _Substitution(
-        _as_monitor(monitor),
-        rank,
-        rescale=rescale,
-        revert_unmonitored=revert_unmonitored,
-        base_state_dict=base_state_dict,
-        exact=exact,
-        niter=niter,
-        oversample=oversample,
-        seed=seed,
-        backup_device=backup_device,
-        strict=strict,
-    )
+    job = _Substitution(_as_monitor(monitor), _options(rank, options, kwargs))
     try:
         yield job.apply()
     finally:
@@ -201,40 +206,16 @@ def substituted(
 
 
 def substitute_(
-    monitor: Any,
-    rank: int = 1,
-    *,
-    rescale: bool = False,
-    revert_unmonitored: bool = False,
-    base_state_dict: Mapping[str, Tensor] | None = None,
-    exact: bool = False,
-    niter: int = DEFAULT_NITER,
-    oversample: int | None = None,
-    seed: int | None = None,
-    backup_device: str | torch.device | None = None,
-    strict: bool | None = None,
+    monitor: Any, rank: int = 1, *, options: SubstitutionOptions | None = None, **kwargs: Any
 ) -> SubstitutionInfo:
     """Set every monitored weight to W_0 + c·ΔW_k and keep it (the periodic training mode).
 
     Same arguments as :func:`substituted`. The parameters keep their identity and storage, so
     the optimizer keeps working on them, but its state (Adam moments, step counts) is left as
     it was: it still describes the pre-substitution trajectory. All or nothing: if anything
-    fails midway, the weights already written are restored before the error propagates (the
-    backup for that is freed on return).
+    fails midway, the weights already written are restored before the error propagates.
     """
-    job = _Substitution(
-        _as_monitor(monitor),
-        rank,
-        rescale=rescale,
-        revert_unmonitored=revert_unmonitored,
-        base_state_dict=base_state_dict,
-        exact=exact,
-        niter=niter,
-        oversample=oversample,
-        seed=seed,
-        backup_device=backup_device,
-        strict=strict,
-    )
+    job = _Substitution(_as_monitor(monitor), _options(rank, options, kwargs))
     try:
         info = job.apply()
     except BaseException:
@@ -261,9 +242,9 @@ def rank_k_probe(
     ``rank<k>_rescaled`` with ``rescale=True``), and with ``include_base=True`` once at rank 0
     (``<prefix>/base/<name>``) plus the share of the gain kept,
     ``<prefix>/rank<k>/<name>_share`` = (rank-k − base) / (full − base) (NaN when full == base).
-    Other keyword arguments go to :func:`substituted` (``revert_unmonitored`` applies to the base
-    evaluation too, which is then the true W_0 model). The model is restored exactly after each
-    evaluation; ``evaluate`` itself decides train/eval mode, no_grad and its own randomness.
+    Other keyword arguments are :class:`SubstitutionOptions` fields (``revert_unmonitored`` applies
+    to the base evaluation too, which is then the true W_0 model). The model is restored exactly
+    after each evaluation; ``evaluate`` itself decides train/eval mode, no_grad and its randomness.
     """
     mon = _as_monitor(monitor)
     ranks = [_check_rank(k) for k in ranks]
@@ -321,46 +302,22 @@ def _normalise(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "base_layer")
 
 
-@dataclass
-class _Adapter:
-    name: str
-    scale: float
-    A: nn.Parameter
-    B: nn.Parameter
-
-
 class _Substitution:
     """One substitution: computes and writes the new weights, keeps the backups, restores them."""
 
-    def __init__(
-        self,
-        monitor: SpectralMonitor,
-        rank: int,
-        *,
-        rescale: bool,
-        revert_unmonitored: bool,
-        base_state_dict: Mapping[str, Tensor] | None,
-        exact: bool,
-        niter: int,
-        oversample: int | None,
-        seed: int | None,
-        backup_device: str | torch.device | None,
-        strict: bool | None,
-    ) -> None:
+    def __init__(self, monitor: SpectralMonitor, options: SubstitutionOptions) -> None:
         self.monitor = monitor
-        self.rank = _check_rank(rank)
-        if not isinstance(niter, int) or niter < 0:
-            raise ValueError(f"niter must be an int >= 0, got niter={niter!r}")
-        self.rescale = bool(rescale)
-        self.exact = exact
-        self.niter = niter
-        self.oversample = monitor.config.oversample if oversample is None else oversample
-        self.seed = monitor.config.seed if seed is None else seed
-        self.backup_device = None if backup_device is None else torch.device(backup_device)
-        self.strict = monitor.config.strict if strict is None else strict
-        self.revert_unmonitored = revert_unmonitored
-        self.base_state_dict = base_state_dict
-        if revert_unmonitored and base_state_dict is None:
+        self.rank = options.rank
+        self.rescale = options.rescale
+        self.exact = options.exact
+        self.niter = options.niter
+        self.oversample = monitor.config.oversample if options.oversample is None else options.oversample
+        self.seed = monitor.config.seed if options.seed is None else options.seed
+        self.backup_device = None if options.backup_device is None else torch.device(options.backup_device)
+        self.strict = monitor.config.strict if options.strict is None else options.strict
+        self.revert_unmonitored = options.revert_unmonitored
+        self.base_state_dict = options.base_state_dict
+        if self.revert_unmonitored and self.base_state_dict is None:
             if monitor.reference is None:
                 raise ValueError(
                     "revert_unmonitored=True needs the full-model base: pass base_state_dict= (e.g. the model's "
@@ -449,7 +406,7 @@ class _Substitution:
             U, S, Vh = torch.linalg.svd(D, full_matrices=False)
             U, S, V = U[:, :k], S[:k], Vh[:k].mT
         else:
-            state = self.monitor._layers.get(spec.name)
+            state = self.monitor.layer_state(spec.name)
             init = None
             if state is not None and state.prev_v is not None and state.prev_v.shape[0] == n:
                 init = state.prev_v.to(device)
@@ -463,28 +420,14 @@ class _Substitution:
         info.layers[spec.name] = LayerSubstitution(spec.name, spec.kind, k, update_norm, kept, c)
         self._write(p, new.t() if spec.transposed else new)
 
-    def _adapters(self, spec: LayerSpec) -> list[_Adapter] | str:
-        """The active vanilla adapters of a LoRA layer, or the reason it cannot be substituted."""
-        mod = spec.module
-        if getattr(mod, "merged", False):
-            return "LoRA adapter is merged into the base weight"
-        variants = getattr(mod, "lora_variant", {}) or {}
-        out = []
-        for name in mod.active_adapters:
-            if name not in mod.lora_A:
-                continue
-            if name in variants or getattr(mod, "use_dora", {}).get(name, False):
-                return f"adapter {name!r} is a LoRA variant (e.g. DoRA): its update is not scale·B·A"
-            out.append(_Adapter(name, float(mod.scaling[name]), mod.lora_A[name].weight, mod.lora_B[name].weight))
-        return out or "no active LoRA adapter"
-
     def _lora(self, spec: LayerSpec, info: SubstitutionInfo) -> None:
-        adapters = self._adapters(spec)
-        if isinstance(adapters, str):
-            if adapters == "no active LoRA adapter":
-                info.skipped[spec.name] = adapters  # ΔW = 0: nothing to substitute
-                return
-            self._skip(info, spec, adapters)
+        try:
+            adapters = spec.lora_adapters()
+        except ValueError as exc:
+            self._skip(info, spec, str(exc))
+            return
+        if not adapters:
+            info.skipped[spec.name] = "no active LoRA adapter"  # ΔW = 0: nothing to substitute
             return
         B = torch.cat([a.B.detach().float() * a.scale for a in adapters], dim=1)
         A = torch.cat([a.A.detach().float() for a in adapters], dim=0)

@@ -28,7 +28,7 @@ def report(step: int, layers: dict[str, dict[str, float]] | None = None, **model
     """``layers``: {metric: {layer: value}}; keyword args: model-level ``spectral/model/<name>``."""
     metrics = {f"spectral/{metric}/{layer}": v for metric, vals in (layers or {}).items() for layer, v in vals.items()}
     metrics.update({f"spectral/model/{k}": v for k, v in model.items()})
-    return StepReport(step=step, metrics=metrics)
+    return StepReport.from_flat(step, metrics)
 
 
 def run(rule, reports, *, early_stop=False):
@@ -172,10 +172,10 @@ def test_metric_threshold_above_and_below():
     above = MetricThreshold(name="kl", key="spectral/probe/kl", above=0.5, patience=1)
     below = MetricThreshold(name="acc", key="spectral/probe/acc", below=0.2, patience=1)
     steps = [
-        StepReport(step=1, metrics={"spectral/probe/kl": 0.5, "spectral/probe/acc": 0.2}),  # at the bounds
-        StepReport(step=2, metrics={"spectral/probe/kl": 0.7, "spectral/probe/acc": 0.1}),
-        StepReport(step=3, metrics={"spectral/probe/kl": NAN}),  # NaN / missing never fire
-        StepReport(step=4, metrics={}),
+        StepReport.from_flat(1, {"spectral/probe/kl": 0.5, "spectral/probe/acc": 0.2}),  # at the bounds
+        StepReport.from_flat(2, {"spectral/probe/kl": 0.7, "spectral/probe/acc": 0.1}),
+        StepReport.from_flat(3, {"spectral/probe/kl": NAN}),  # NaN / missing never fire
+        StepReport.from_flat(4, {}),
     ]
     fired_above, _ = run(above, steps)
     fired_below, _ = run(below, steps)
@@ -183,18 +183,31 @@ def test_metric_threshold_above_and_below():
     assert [len(a) for a in fired_below] == [0, 1, 0, 0]
     assert fired_above[1][0].reason == "spectral/probe/kl=0.7 > 0.5"
     assert fired_below[1][0].reason == "spectral/probe/acc=0.1 < 0.2"
-    band = MetricThreshold(name="band", key="x", above=1.0, below=-1.0, patience=1)
-    assert [len(a) for a in run(band, [StepReport(1, {"x": 2.0}), StepReport(2, {"x": -2.0})])[0]] == [1, 1]
-    custom = MetricThreshold(name="kl", key="k", above=0.0, message="KL to the base is rising", patience=1)
-    assert "KL to the base is rising" in run(custom, [StepReport(1, {"k": 1.0})])[0][0][0].message
+    band = MetricThreshold(name="band", key="spectral/context/x", above=1.0, below=-1.0, patience=1)
+    assert [
+        len(a)
+        for a in run(
+            band,
+            [
+                StepReport.from_flat(1, {"spectral/context/x": 2.0}),
+                StepReport.from_flat(2, {"spectral/context/x": -2.0}),
+            ],
+        )[0]
+    ] == [1, 1]
+    custom = MetricThreshold(
+        name="kl", key="spectral/probe/k", above=0.0, message="KL to the base is rising", patience=1
+    )
+    assert (
+        "KL to the base is rising" in run(custom, [StepReport.from_flat(1, {"spectral/probe/k": 1.0})])[0][0][0].message
+    )
 
 
 def test_metric_thresholds_without_names_do_not_share_state():
     kl = MetricThreshold(key="spectral/probe/kl", above=1.0, patience=2)
     loss = MetricThreshold(key="spectral/probe/loss", above=1.0, patience=2)
     assert kl.name and loss.name and kl.name != loss.name
-    r1 = StepReport(1, {"spectral/probe/kl": 2.0, "spectral/probe/loss": 0.0})
-    r2 = StepReport(2, {"spectral/probe/kl": 0.0, "spectral/probe/loss": 2.0})
+    r1 = StepReport.from_flat(1, {"spectral/probe/kl": 2.0, "spectral/probe/loss": 0.0})
+    r2 = StepReport.from_flat(2, {"spectral/probe/kl": 0.0, "spectral/probe/loss": 2.0})
     _, states = evaluate([kl, loss], {}, r1)
     alerts, _ = evaluate([kl, loss], states, r2)
     assert alerts == []  # each rule hit once: neither reached its patience of 2

@@ -11,7 +11,7 @@ from torch import nn
 
 from spectral_monitor.alerts import MetricThreshold, Rank1Collapse
 from spectral_monitor.config import MonitorConfig
-from spectral_monitor.records import StepReport
+from spectral_monitor.records import Alert, StepReport
 from spectral_monitor.run import Decision, MonitorRun
 from spectral_monitor.sinks.memory import MemorySink
 
@@ -142,21 +142,21 @@ def test_a_failing_measurement_is_skipped_unless_strict(monkeypatch, caplog):
 
 
 def test_decision_summary_holds_only_finite_model_alert_context_keys():
-    report = StepReport(
-        step=1,
-        metrics={
+    report = StepReport.from_flat(
+        1,
+        {
             "spectral/rho1/q_proj": 0.5,
             "spectral/model/rho1_mean": 0.5,
             "spectral/model/alpha_mean": math.nan,
             "spectral/model/gap_max": math.inf,
-            "spectral/alert/rank1_collapse": 1.0,
             "spectral/context/reward": 0.25,
-            "spectral/monitor/measure_s": 0.01,
-            "loss": 3.0,
+            "spectral/model/measure_s": 0.01,
         },
+        alerts=[Alert(rule="rank1_collapse", step=1, reason="r", message="m")],
     )
     assert Decision(report).summary() == {
         "spectral/model/rho1_mean": 0.5,
+        "spectral/model/measure_s": 0.01,
         "spectral/alert/rank1_collapse": 1.0,
         "spectral/context/reward": 0.25,
     }

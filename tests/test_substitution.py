@@ -114,8 +114,8 @@ def test_rank1_inside_then_bit_identical_after(make):
         assert info.norm_ratio == pytest.approx(SIG[0] / math.hypot(*SIG), rel=1e-5)
         assert not info.skipped
         m = info.metrics()
-        assert m["spectral/substitution/energy_share"] == pytest.approx(SIG[0] ** 2 / (SIG[0] ** 2 + SIG[1] ** 2))
-        assert f"spectral/substitution/norm_ratio/{mon.specs[0].name}" in m
+        assert m["spectral/probe/substitution/energy_share"] == pytest.approx(SIG[0] ** 2 / (SIG[0] ** 2 + SIG[1] ** 2))
+        assert f"spectral/probe/substitution/norm_ratio/{mon.specs[0].name}" in m
     assert_bit_identical(model, before)
     assert torch.equal(torch.get_rng_state(), rng)
 

@@ -3,28 +3,29 @@
 * Base snapshot in ``on_train_begin`` (fresh run) or read back from the checkpoint (resume).
 * Measures in ``on_step_end`` (once per optimizer step, weights updated; steps are optimizer
   steps); the last step (``max_steps``, or a stop set by an earlier callback) is always measured.
-* Compact model-level keys (every ``spectral/model/<metric>_mean``, a few ``_max``/``_min``,
-  ``spectral/alert/<rule>``) go through the base ``transformers.Trainer.log`` (a TRL override would
-  steal its buffered reward metrics; ``control.should_log`` is restored so the step's loss line is
-  kept): every ``report_to`` backend shows them as ``train/spectral/...``. The rest (per-layer
-  ``spectral/<metric>/<layer>``, other aggregates) goes to the trainer's W&B run / TensorBoard
-  writer through the sinks; every key, plus ``spectral/context/*`` (the trainer's latest loss,
-  reward, ...), to ``output_dir/spectral_monitor/metrics.jsonl`` (a fresh run first moves an older
-  run's log there aside, to ``metrics.<time_ns>.jsonl``).
+* The overview (:meth:`~spectral_monitor.records.StepReport.overview`: each aggregate's mean, a few
+  extremes, alert flags, probes) goes through the base ``transformers.Trainer.log`` (a TRL
+  override would steal its buffered reward metrics; ``control.should_log`` is restored so the
+  step's loss line is kept): every ``report_to`` backend shows it as ``train/spectral/...``.
+  Per-layer series go to the trainer's W&B run / TensorBoard writer through the sinks; every key,
+  plus ``spectral/context/*`` (the trainer's latest loss, reward, ...), to
+  ``output_dir/spectral_monitor/metrics.jsonl``.
 * Alerts with ``early_stop=True`` set ``control.should_training_stop`` (and ``should_save`` unless
   ``save_strategy="no"``) and log the reason.
 * Resume: ``on_save`` writes ``checkpoint-N/spectral_monitor.pt`` and, once, the base to
   ``output_dir/spectral_monitor/base-<run id>.safetensors``; a resumed run reads them back itself (no
   ``restore_callback_states_from_checkpoint`` needed): ΔW stays relative to the original base.
+
+The trainer: pass ``trainer=`` or call :meth:`SpectralMonitorCallback.attach`; without either, the
+callback finds the ``Trainer`` that calls it by looking up the call stack in ``on_train_begin``.
+The checkpoint a run resumes from: ``args.resume_from_checkpoint`` when set, else
+``output_dir/checkpoint-<global_step>``, else the ``resume_from_checkpoint`` passed to ``train()``.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import time
-import uuid
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,10 @@ import torch
 from torch import nn
 
 from spectral_monitor._imports import require
-from spectral_monitor.alerts import Rule
-from spectral_monitor.config import MonitorConfig
-from spectral_monitor.records import PREFIX, StepReport
+from spectral_monitor.integrations.session import MonitorSession
+from spectral_monitor.records import PREFIX
 from spectral_monitor.run import Decision, MonitorRun
-from spectral_monitor.sinks.base import LayerMetricsOnly, Sink
-from spectral_monitor.sinks.jsonl import JsonlSink
-from spectral_monitor.snapshot import load_store, persist
+from spectral_monitor.sinks.base import Sink
 
 transformers = require("transformers", "spectral_monitor.integrations.hf")
 
@@ -47,31 +45,11 @@ __all__ = ["SpectralMonitorCallback"]
 log = logging.getLogger("spectral_monitor")
 
 STATE_FILE = "spectral_monitor.pt"
-MONITOR_DIR = "spectral_monitor"
-#: model-level keys besides every ``<metric>_mean`` that go through ``Trainer.log``
-TRAINER_EXTRA = {"rho1_max", "alpha_min", "alpha_max", "update_rel_max", "intruders_max", "update_norm_total"}
-TRAINER_EXTRA |= {"alpha_reliable_frac", "measure_s"}
-CONTEXT = f"{PREFIX}/context/"
-
-
-def to_trainer_log(key: str) -> bool:
-    """True for the compact keys sent through ``Trainer.log`` (the rest go to the sinks)."""
-    name = key.removeprefix(f"{PREFIX}/model/")
-    if key.startswith(f"{PREFIX}/alert/"):
-        return True
-    return name != key and "/" not in name and (name.endswith("_mean") or name in TRAINER_EXTRA)
-
-
-class _NotTrainerKeys(LayerMetricsOnly):
-    """Wraps a backend sink: drops the keys that reach that backend through ``Trainer.log``, and the context."""
-
-    def write(self, report: StepReport) -> None:
-        keep = {k: v for k, v in report.metrics.items() if not (to_trainer_log(k) or k.startswith(CONTEXT))}
-        self.sink.write(replace(report, metrics=keep))
 
 
 def _calling_trainer() -> tuple[Any | None, str | None]:
-    """The ``Trainer`` whose callback handler calls us, and its ``resume_from_checkpoint`` (stack walk)."""
+    """The ``Trainer`` whose callback handler calls us and the ``resume_from_checkpoint`` passed to its
+    ``train()`` (the fallback when no trainer was attached: a walk up the call stack)."""
     frame = sys._getframe(1)
     while frame is not None:
         obj = frame.f_locals.get("self")
@@ -89,37 +67,41 @@ class SpectralMonitorCallback(transformers.TrainerCallback):
     (``SpectralMonitorCallback(every_n_steps=50)``). ``sinks``: extra sinks; ``report_to_sinks=False``
     turns the automatic W&B/TensorBoard/JSONL sinks off. ``rules`` / ``early_stop``: alert rules and
     whether they may stop training; ``save_on_stop``: save a checkpoint at that step. ``trainer``:
-    optional, found automatically when training starts. After training, ``run`` holds the
+    the trainer (optional, see the module doc). After training, ``run`` holds the
     :class:`MonitorRun` and ``last_decision`` the last measurement.
     """
 
     def __init__(
         self,
-        config: MonitorConfig | None = None,
+        config: Any = None,
         *,
         sinks: list[Sink] | None = None,
-        rules: list[Rule] | None = None,
+        rules: list | None = None,
         early_stop: bool = False,
         report_to_sinks: bool = True,
         save_on_stop: bool = True,
         trainer: Any = None,
         **kwargs: Any,
     ) -> None:
-        if config is not None and kwargs:
-            raise TypeError("pass either config=MonitorConfig(...) or keyword arguments, not both")
-        self.config = config if config is not None else MonitorConfig(**kwargs)
-        self.extra_sinks = list(sinks or [])
-        self.rules = rules
-        self.early_stop = early_stop
-        self.report_to_sinks = report_to_sinks
+        self.session = MonitorSession(
+            config, sinks=sinks, rules=rules, early_stop=early_stop, report_to_sinks=report_to_sinks, **kwargs
+        )
+        self.config = self.session.config
         self.save_on_stop = save_on_stop
         self.trainer = trainer
-        self.run: MonitorRun | None = None
-        self.last_decision = Decision()
-        self._base_path: Path | None = None
+
+    @property
+    def run(self) -> MonitorRun | None:
+        """The :class:`MonitorRun` of the current (or last) training run."""
+        return self.session.run
+
+    @property
+    def last_decision(self) -> Decision:
+        """The latest measurement's :class:`Decision`."""
+        return self.session.last_decision
 
     def attach(self, trainer: Any) -> SpectralMonitorCallback:
-        """Give the callback its trainer explicitly (optional)."""
+        """Give the callback its trainer explicitly (recommended where the stack walk cannot see it)."""
         self.trainer = trainer
         return self
 
@@ -127,66 +109,53 @@ class SpectralMonitorCallback(transformers.TrainerCallback):
         """The module holding the base weights, if the trainer keeps one (the TRL adapter overrides this)."""
         return None
 
-    def _auto_sinks(self, args: Any, fresh: bool) -> list[Sink]:
-        path = Path(args.output_dir) / MONITOR_DIR / "metrics.jsonl"
-        if fresh and path.exists():  # an earlier run in this output_dir: keep its log, start a new one
-            path.rename(path.with_name(f"metrics.{time.time_ns()}.jsonl"))
-        sinks: list[Sink] = [JsonlSink(path)]
+    def _backend_sinks(self) -> list[Sink]:
+        """Per-layer series to the trainer's own W&B run and TensorBoard writer (the overview reaches them
+        through ``Trainer.log``)."""
+        sinks: list[Sink] = []
         for cb in getattr(getattr(self.trainer, "callback_handler", None), "callbacks", []):
             name = type(cb).__name__
             wandb = sys.modules.get("wandb")
             if name == "WandbCallback" and wandb is not None and wandb.run is not None:
                 from spectral_monitor.sinks.wandb import WandbSink
 
-                sinks.append(_NotTrainerKeys(WandbSink(wandb.run, step_key="train/global_step")))
+                sinks.append(WandbSink(wandb.run, step_key="train/global_step", log_model=False))
             elif name == "TensorBoardCallback" and getattr(cb, "tb_writer", None) is not None:
                 from spectral_monitor.sinks.tensorboard import TensorBoardSink
 
-                sinks.append(_NotTrainerKeys(TensorBoardSink(writer=cb.tb_writer)))
+                sinks.append(TensorBoardSink(writer=cb.tb_writer, log_model=False))
         return sinks
 
+    def _checkpoints(self, args: Any, state: Any, passed: str | None) -> list[Path]:
+        """Where a resumed run's checkpoint may be, most documented first."""
+        out = []
+        if isinstance(args.resume_from_checkpoint, str):
+            out.append(Path(args.resume_from_checkpoint))
+        out.append(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        if passed:
+            out.append(Path(passed))
+        return out
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        trainer, resume_path = _calling_trainer()
-        self.trainer = trainer or self.trainer
+        found, passed = (None, None) if self.trainer is not None else _calling_trainer()
+        self.trainer = self.trainer or found
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
-        self._base_path = None
-        fresh = state.global_step == 0 and state.is_world_process_zero
-        self.run = MonitorRun(
+        self.session.begin(
             model,
-            self.config,
-            sinks=(self._auto_sinks(args, fresh) if self.report_to_sinks else []) + self.extra_sinks,
-            rules=self.rules,
-            early_stop=self.early_stop,
-            reference=self.reference_model(model),
+            args.output_dir,
+            fresh=state.global_step == 0,
             is_main=state.is_world_process_zero,
+            backend_sinks=self._backend_sinks(),
+            reference=self.reference_model(model),
         )
-        ckpt = Path(resume_path or Path(args.output_dir) / f"checkpoint-{state.global_step}")
-        if state.global_step > 0 and not self._resume(ckpt):
-            log.warning(
-                "spectral_monitor: resumed at step %d without %s; the base is taken NOW, so updates are "
-                "measured from the resume point, not from the original base",
-                state.global_step,
-                ckpt / STATE_FILE,
-            )
-        self.run.start()  # snapshots only when no base was restored
+        if state.global_step > 0:
+            candidates = self._checkpoints(args, state, passed)
+            saved_at = next((c for c in candidates if (c / STATE_FILE).exists()), None)
+            saved = torch.load(saved_at / STATE_FILE, map_location="cpu", weights_only=True) if saved_at else None
+            self.session.restore(saved, step=state.global_step, where=str(saved_at or candidates[0]))
+        self.session.start()  # snapshots only when no base was restored
         return control
-
-    def _resume(self, ckpt: Path) -> bool:
-        if not (ckpt / STATE_FILE).exists():
-            return False
-        saved = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
-        if saved.get("base_path") is not None:  # else: reference model or LoRA factors, still in the trainer
-            recorded = Path(saved["base_path"])  # else: the same file beside a moved output_dir
-            found = [p for p in (recorded, ckpt.parent / MONITOR_DIR / recorded.name) if p.exists()]
-            if not found:
-                return False
-            kind = "device" if self.config.base_store in ("auto", "reference") else self.config.base_store
-            self.run.monitor.set_base(load_store(found[0], kind, self.run.monitor.specs))
-            self._base_path = found[0]
-        self.run.load_state_dict(saved["run"])  # after set_base, which would drop the cached base facts
-        log.info("spectral_monitor: resumed from %s (base %s)", ckpt, self._base_path or "reference/LoRA")
-        return True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.run is not None and logs:
@@ -197,11 +166,10 @@ class SpectralMonitorCallback(transformers.TrainerCallback):
         if self.run is None:
             return control
         final = control.should_training_stop or (state.max_steps > 0 and state.global_step >= state.max_steps)
-        decision = self.run.on_optimizer_step(state.global_step, final=final)
+        decision = self.session.step(state.global_step, final=final)
         if not decision.measured:
             return control
-        self.last_decision = decision
-        logs = {k: v for k, v in decision.summary().items() if to_trainer_log(k)}
+        logs = decision.overview()
         if logs and self.trainer is not None:
             should_log = control.should_log  # Trainer.log -> on_log resets it: the loss line would be lost
             transformers.Trainer.log(self.trainer, logs)
@@ -216,17 +184,12 @@ class SpectralMonitorCallback(transformers.TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.run is None or not state.is_world_process_zero:
             return control
+        saved = self.session.checkpoint_state(is_main=True)
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        store = self.run.monitor.store
-        if store is not None and store.kind != "reference" and self._base_path is None:
-            name = f"base-{uuid.uuid4().hex[:12]}.safetensors"  # per run: a later fresh run never replaces it
-            self._base_path = persist(store, self.run.monitor.specs, Path(args.output_dir) / MONITOR_DIR / name)
         if ckpt.is_dir():
-            base = str(self._base_path) if self._base_path else None
-            torch.save({"run": self.run.state_dict(), "base_path": base}, ckpt / STATE_FILE)
+            torch.save(saved, ckpt / STATE_FILE)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.run is not None:
-            self.run.finish()
+        self.session.finish()
         return control

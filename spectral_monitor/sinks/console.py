@@ -6,26 +6,26 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from spectral_monitor.records import StepReport, model_key
+from spectral_monitor.records import StepReport
 
 __all__ = ["ConsoleSink", "summarize"]
 
 
-def _fmt(report: StepReport, name: str, spec: str = ".3g") -> str:
-    value = report.metrics.get(model_key(name))
+def _fmt(value: float | None, spec: str = ".3g") -> str:
     return "-" if value is None else format(value, spec)
 
 
 def summarize(report: StepReport) -> str:
     """``step 50 | 24 layers | rho1 0.31 (max 0.52) | alpha 3.1 (75% reliable) | ...``."""
+    agg = report.aggregate
     parts = [
         f"step {report.step}",
-        f"{_fmt(report, 'layers', '.0f')} layers",
-        f"rho1 {_fmt(report, 'rho1_mean')} (max {_fmt(report, 'rho1_max')})",
-        f"erank {_fmt(report, 'erank_mean')}",
-        f"alpha {_fmt(report, 'alpha_median')} ({_fmt(report, 'alpha_reliable_frac', '.0%')} reliable)",
-        f"|dW|/|W0| {_fmt(report, 'update_rel_max')} max",
-        f"align {_fmt(report, 'align_prev_mean')}",
+        f"{_fmt(report.model.get('layers'), '.0f')} layers",
+        f"rho1 {_fmt(agg('rho1'))} (max {_fmt(agg('rho1', 'max'))})",
+        f"erank {_fmt(agg('erank'))}",
+        f"alpha {_fmt(agg('alpha', 'median'))} ({_fmt(report.model.get('alpha_reliable_frac'), '.0%')} reliable)",
+        f"|dW|/|W0| {_fmt(agg('update_rel', 'max'))} max",
+        f"align {_fmt(agg('align_prev'))}",
         f"{report.elapsed_s * 1e3:.0f} ms",
     ]
     if report.skipped:

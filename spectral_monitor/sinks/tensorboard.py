@@ -31,14 +31,13 @@ from typing import Any
 import torch
 
 from spectral_monitor._imports import require
-from spectral_monitor.records import PREFIX, Alert, StepReport, split_layer_key
+from spectral_monitor.records import PREFIX, Alert, StepReport
 
 __all__ = ["TensorBoardSink"]
 
 # model keys: spectral/model/<metric>_<agg>[/<layer type>]
 _MODEL = f"{PREFIX}/model/"
 _AGG_SUFFIX = r"(_(mean|median|min|max))?(/.*)?$"
-_AGGREGATE = re.compile(r"^(?P<metric>.+)_(?:mean|median|min|max)(?:/.*)?$")
 
 
 class TensorBoardSink:
@@ -53,6 +52,9 @@ class TensorBoardSink:
             ``TensorBoardLogger.experiment``. The sink never closes a writer it was given.
         histograms: write the singular-value histograms.
         flush: flush after every report, so a crash loses nothing already written.
+        log_layers: write the per-layer scalars ``spectral/<metric>/<layer>``.
+        log_model: write the model-level scalars (off when they reach the same writer through
+            the trainer's own logging, as in the Hugging Face and Lightning adapters).
     """
 
     def __init__(
@@ -62,11 +64,15 @@ class TensorBoardSink:
         writer: Any = None,
         histograms: bool = True,
         flush: bool = True,
+        log_layers: bool = True,
+        log_model: bool = True,
     ) -> None:
         if writer is None:
             require("tensorboard", "TensorBoardSink")
         self.log_dir = log_dir
         self.histograms = histograms
+        self.log_layers = log_layers
+        self.log_model = log_model
         self._flush_each_write = flush
         self._writer = writer
         self._owns_writer = False
@@ -88,7 +94,7 @@ class TensorBoardSink:
     def write(self, report: StepReport) -> None:
         """Write one report's scalars, histograms and alerts at ``report.step``."""
         self._update_layout(report)
-        for key, value in report.metrics.items():
+        for key, value in report.flat(layers=self.log_layers, model=self.log_model).items():
             self._writer.add_scalar(key, float(value), report.step)
         if self.histograms and hasattr(self._writer, "add_histogram"):
             for layer, spectrum in report.spectra.items():
@@ -115,15 +121,12 @@ class TensorBoardSink:
 
     def _update_layout(self, report: StepReport) -> None:
         """(Re)write the custom-scalars layout when the report has a chart not in it yet."""
-        layer_metrics, model_metrics = set(self._layout[0]), set(self._layout[1])
-        for key in report.metrics:
-            split = split_layer_key(key)
-            if split is not None:
-                layer_metrics.add(split[0])
-            elif key.startswith(_MODEL):
-                name = key.removeprefix(_MODEL)
-                match = _AGGREGATE.match(name)
-                model_metrics.add(match["metric"] if match else name)
+        layer_metrics = set(self._layout[0]) | (
+            {m for v in report.layers.values() for m in v} if self.log_layers else set()
+        )
+        model_metrics = set(self._layout[1])
+        if self.log_model:
+            model_metrics |= set(report.aggregates) | set(report.model)
         layout = (tuple(sorted(layer_metrics)), tuple(sorted(model_metrics)))
         if layout != self._layout and hasattr(self._writer, "add_custom_scalars"):
             self._writer.add_custom_scalars(_custom_scalars_layout(*layout))

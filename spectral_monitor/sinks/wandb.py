@@ -38,7 +38,7 @@ from typing import Any
 
 from spectral_monitor._imports import is_available, require
 from spectral_monitor.errors import ConfigError
-from spectral_monitor.records import PREFIX, Alert, StepReport, split_layer_key
+from spectral_monitor.records import PREFIX, Alert, StepReport, layer_sort_key
 
 __all__ = ["WandbSink"]
 
@@ -55,8 +55,10 @@ class WandbSink:
             ``wandb.init(project=project, **init_kwargs)``. Only a run the sink started is
             finished by :meth:`finish`.
         project: W&B project for a run the sink starts.
-        log_layers: log per-layer scalars (``spectral/<metric>/<layer>``); False keeps only
-            model/alert/monitor scalars in the history (the per-layer table still has them).
+        log_layers: log per-layer scalars (``spectral/<metric>/<layer>``); False keeps them out of
+            the history (the per-layer table and the heatmaps still have them).
+        log_model: log the model-level scalars (off when they reach the run through the
+            trainer's own logging, as in the Hugging Face and Lightning adapters).
         step_key: log the step as this metric instead of ``step=`` (see module docstring).
         table_every: log the per-layer table and heatmap images every this many reports
             (the first report included); 0 turns them off.
@@ -72,6 +74,7 @@ class WandbSink:
         *,
         project: str | None = None,
         log_layers: bool = True,
+        log_model: bool = True,
         step_key: str | None = None,
         table_every: int = 1,
         heatmap_metrics: Sequence[str] = ("rho1", "alpha"),
@@ -86,6 +89,7 @@ class WandbSink:
         self._project = project
         self._init_kwargs = init_kwargs
         self.log_layers = log_layers
+        self.log_model = log_model
         self.step_key = step_key
         self.table_every = table_every
         self.heatmap_metrics = tuple(heatmap_metrics)
@@ -120,7 +124,7 @@ class WandbSink:
         self._last_step = report.step
         self._record_heatmaps(report)
         payload: dict[str, Any] = {
-            k: float(v) for k, v in report.metrics.items() if self.log_layers or split_layer_key(k) is None
+            k: float(v) for k, v in report.flat(layers=self.log_layers, model=self.log_model).items()
         }
         if self.table_every and (self._reports - 1) % self.table_every == 0:
             payload.update(self._tables(report))
@@ -154,15 +158,9 @@ class WandbSink:
     def _tables(self, report: StepReport) -> dict[str, Any]:
         """The per-layer table of this report and the heatmap images so far."""
         out: dict[str, Any] = {}
-        per_layer: dict[str, dict[str, float]] = {}
-        for key, value in report.metrics.items():
-            split = split_layer_key(key)
-            if split is not None:
-                per_layer.setdefault(split[0], {})[split[1]] = float(value)
-        if per_layer:
-            metrics = sorted(per_layer)
-            layers = sorted({layer for values in per_layer.values() for layer in values})
-            data = [[layer, *(per_layer[m].get(layer) for m in metrics)] for layer in layers]
+        if report.layers:
+            metrics = sorted({m for values in report.layers.values() for m in values})
+            data = [[layer, *(values.get(m) for m in metrics)] for layer, values in report.layers.items()]
             out[f"{PREFIX}/layers"] = self._wandb.Table(columns=["layer", *metrics], data=data)
         if is_available("matplotlib"):
             for metric, rows in self._history.items():
@@ -186,7 +184,9 @@ class WandbSink:
     def _heatmap_tables(self) -> dict[str, Any]:
         out = {}
         for metric, rows in self._history.items():
-            data = [[step, layer, value] for step, values in rows for layer, value in sorted(values.items())]
+            data = [
+                [step, layer, values[layer]] for step, values in rows for layer in sorted(values, key=layer_sort_key)
+            ]
             if data:
                 out[f"{PREFIX}/heatmap_table/{metric}"] = self._wandb.Table(
                     columns=["step", "layer", "value"], data=data
@@ -201,7 +201,7 @@ def _heatmap_rgb(metric: str, rows: list[tuple[int, dict[str, float]]]) -> Any:
     from matplotlib.figure import Figure
 
     steps = [step for step, _ in rows]
-    layers = sorted({layer for _, values in rows for layer in values})
+    layers = sorted({layer for _, values in rows for layer in values}, key=layer_sort_key)
     grid = np.full((len(layers), len(steps)), np.nan)
     for j, (_, values) in enumerate(rows):
         for i, layer in enumerate(layers):

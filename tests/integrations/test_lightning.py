@@ -297,7 +297,7 @@ def test_state_loaded_outside_fit_does_not_leak_into_a_fresh_fit(tmp_path):
     cb.load_state_dict(state)
     cb.teardown(None, None, "validate")  # what Lightning does after validate(ckpt_path=...)
     mem = MemorySink()
-    cb.extra_sinks = [mem]
+    cb.session.extra_sinks = [mem]
     trainer(tmp_path / "b", callbacks=[cb], max_steps=4).fit(MLP(), loader())
     assert [r.step for r in mem.reports] == [1, 4] and cb.run.monitor.measurements == 2
 

@@ -13,9 +13,9 @@ from spectral_monitor.sinks.jsonl import JsonlSink, read_jsonl
 
 
 def rep(step: int, value: float = 0.5, **extra: float) -> StepReport:
-    return StepReport(
-        step=step,
-        metrics={"spectral/rho1/a": value, "spectral/model/rho1_mean": value, **extra},
+    return StepReport.from_flat(
+        step,
+        {"spectral/rho1/a": value, "spectral/model/rho1_mean": value, **extra},
         spectra={"a": torch.tensor([2.0, 1.0])},
         elapsed_s=0.01,
     )

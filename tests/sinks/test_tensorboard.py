@@ -44,10 +44,10 @@ def make_report(i: int, step: int) -> StepReport:
         "spectral/model/rho1_mean": step / 16,
         "spectral/model/alpha_max": 3.0 + i,
         "spectral/model/rho1_mean/attn": step / 32,
-        "spectral/monitor/measure_s": 0.25,
+        "spectral/model/measure_s": 0.25,
     }
     spectra = {layer: torch.linspace(step, 1.0, 6) / (j + 1) for j, layer in enumerate(LAYERS)}
-    return StepReport(step=step, metrics=values, spectra=spectra, alerts=[ALERT] if i == 2 else [])
+    return StepReport.from_flat(step, values, spectra=spectra, alerts=[ALERT] if i == 2 else [])
 
 
 REPORTS = [make_report(i, s) for i, s in enumerate(STEPS)]
@@ -103,11 +103,11 @@ def test_custom_scalars_layout_groups_layers_per_metric(logdir):
     # the newest layout includes erank, which only the third report had
     assert set(layout) == {"spectral", "spectral model"}
     assert layout["spectral"] == {m: [f"spectral/{m}/.*"] for m in ["alpha", "erank", "rho1", "update_norm"]}
-    assert set(layout["spectral model"]) == {"alpha", "rho1"}
+    assert set(layout["spectral model"]) == {"alpha", "rho1", "measure_s"}
     # every layer's tag lands in its metric's chart and no other
     charts = {(cat, title): regexes for cat, c in layout.items() for title, regexes in c.items()}
     for tag in read_tensorboard_scalars(logdir):
-        if tag.startswith("spectral/monitor/"):
+        if tag.startswith(("spectral/model/measure_s", "spectral/alert/")):
             continue
         hits = [key for key, regexes in charts.items() if any(re.match(r, tag) for r in regexes)]
         metric = tag.split("/")[2].split("_")[0] if tag.startswith("spectral/model/") else tag.split("/")[1]

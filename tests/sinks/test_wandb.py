@@ -43,9 +43,9 @@ def make_report(i: int, step: int) -> StepReport:
     values |= {
         "spectral/model/rho1_mean": step / 16 + 0.01,
         "spectral/model/alpha_max": 3.3 + i,
-        "spectral/monitor/measure_s": 0.123,
+        "spectral/model/measure_s": 0.123,
     }
-    return StepReport(step=step, metrics=values, alerts=[ALERT] if i == 2 else [])
+    return StepReport.from_flat(step, values, alerts=[ALERT] if i == 2 else [])
 
 
 REPORTS = [make_report(i, s) for i, s in enumerate(STEPS)]
@@ -192,7 +192,7 @@ def test_log_layers_false_keeps_aggregates_only(wandb_dir):
     assert {k for k in row if not k.startswith("_")} == {
         "spectral/model/rho1_mean",
         "spectral/model/alpha_max",
-        "spectral/monitor/measure_s",
+        "spectral/model/measure_s",
     }
 
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-import spectral_monitor.engine as engine_mod
+import spectral_monitor.engine.plan as plan_mod
+import spectral_monitor.engine.updates as updates_mod
 from spectral_monitor.config import MonitorConfig
 from spectral_monitor.engine import SpectralMonitor
 from spectral_monitor.errors import NonFiniteError
@@ -31,7 +32,7 @@ LOGGER = "spectral_monitor"
 def _float32_sketches(monkeypatch):
     """The hand-computed cases below check the float32 path to ~1e-6; ``sketch_dtype="auto"`` would
     pick bf16 products on AMX / AVX512-BF16 CPUs (~1e-4). The bf16 path has its own tests at the end."""
-    monkeypatch.setattr(engine_mod, "_fast_bf16", lambda device: False)
+    monkeypatch.setattr(plan_mod, "fast_bf16", lambda device: False)
 
 
 # ------------------------------------------------------------------ helpers
@@ -60,6 +61,11 @@ def set_canonical(monitor: SpectralMonitor, name: str, W: torch.Tensor) -> None:
 def get_canonical(monitor: SpectralMonitor, name: str) -> torch.Tensor:
     spec = next(s for s in monitor.specs if s.name == name)
     return spec.canonical(spec.parameter().detach()).double().clone()
+
+
+def batches(mon: SpectralMonitor) -> list:
+    """The batches the monitor's next measurement would use."""
+    return mon.planner.batches(mon.specs, lambda s: mon._state(s).rank, full=False)
 
 
 def val(report, metric: str, layer: str) -> float:
@@ -276,7 +282,8 @@ def test_nan_in_one_layer_is_reported_and_the_others_measured(caplog):
     assert list(r.skipped) == [bad]
     assert val(r, "update_norm", good) == pytest.approx(0.3, rel=1e-5)
     assert val(r, "rho1", good) == pytest.approx(1.0, abs=1e-5)
-    assert len(r.layers) == 7 and bad not in r.layers
+    measured = r.layer_values("update_norm")
+    assert len(measured) == 7 and bad not in measured
     assert r.metrics["spectral/model/nonfinite"] == 1.0
     assert math.isfinite(r.metrics["spectral/model/update_norm_total"])
     assert r.metrics["spectral/model/update_norm_total"] == pytest.approx(0.3, rel=1e-5)
@@ -402,14 +409,14 @@ def test_warm_start_uses_the_previous_right_subspace(monkeypatch):
     set_canonical(mon, "q_proj", get_canonical(mon, "q_proj") + (U * s) @ V.T)
 
     inits = []
-    real = engine_mod.randomized_svd
+    real = updates_mod.randomized_svd
 
     def spy(A, rank, **kw):
         if rank == 4:  # the ΔW sketch (the base's has rank base_k)
             inits.append(kw.get("init"))
         return real(A, rank, **kw)
 
-    monkeypatch.setattr(engine_mod, "randomized_svd", spy)
+    monkeypatch.setattr(updates_mod, "randomized_svd", spy)
     errors = []
     for step in range(1, 6):
         r = mon.measure(step)
@@ -435,14 +442,14 @@ def test_a_cold_sketch_is_twice_as_wide(monkeypatch):
     mon.snapshot()
     W0 = get_canonical(mon, "q_proj")
     calls = []
-    real = engine_mod.randomized_svd
+    real = updates_mod.randomized_svd
 
     def spy(A, rank, **kw):
         if rank == 4:  # the ΔW sketch (the base's has rank base_k)
             calls.append((kw["oversample"], kw.get("init") is not None))
         return real(A, rank, **kw)
 
-    monkeypatch.setattr(engine_mod, "randomized_svd", spy)
+    monkeypatch.setattr(updates_mod, "randomized_svd", spy)
     for step, scale in enumerate((1.0, 2.0, 0.0, 1.0), start=1):  # the third update is zero
         set_canonical(mon, "q_proj", W0 + scale * _realistic(m, n, seed=0, r=3, noise=1e-3))
         mon.measure(step)
@@ -529,7 +536,7 @@ def test_same_shape_layers_batched_or_one_by_one_agree():
             layer.reset_parameters()
         mon = SpectralMonitor(model, rank=4, memory_budget_mb=budget, base_k=8)
         mon.snapshot()
-        chunks = mon._chunks()
+        chunks = [b.specs for b in batches(mon)]
         reports = []
         for step, scale in ((1, 1.0), (2, 1.5)):
             for i, name in enumerate(model):
@@ -693,15 +700,15 @@ def test_sharded_parameters_are_skipped_with_a_clear_warning(caplog):
 def test_auto_sketch_dtype_follows_the_hardware(monkeypatch):
     cpu = torch.device("cpu")
     for fast, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(engine_mod, "_fast_bf16", lambda device, fast=fast: fast)
+        monkeypatch.setattr(plan_mod, "fast_bf16", lambda device, fast=fast: fast)
         mon = SpectralMonitor(single(8, 8))
-        assert mon._sketch_dtype(cpu) == expected
-        assert mon._sketch_dtype(cpu, full=True) == torch.float32  # full spectra need float32 ΔW
-        assert mon._sketch_dtype(cpu, numel=engine_mod.SMALL_LAYER) == torch.float32  # too small to repay bf16
-        assert mon._sketch_dtype(cpu, numel=engine_mod.SMALL_LAYER + 1) == expected
-    assert SpectralMonitor(single(8, 8), sketch_dtype="float32")._sketch_dtype(cpu) == torch.float32
-    monkeypatch.setattr(engine_mod, "_fast_bf16", lambda device: False)
-    assert SpectralMonitor(single(8, 8), sketch_dtype="bfloat16")._sketch_dtype(cpu) == torch.bfloat16
+        assert mon.planner.sketch_dtype(cpu) == expected
+        assert mon.planner.sketch_dtype(cpu, full=True) == torch.float32  # full spectra need float32 ΔW
+        assert mon.planner.sketch_dtype(cpu, numel=plan_mod.SMALL_LAYER) == torch.float32  # too small to repay bf16
+        assert mon.planner.sketch_dtype(cpu, numel=plan_mod.SMALL_LAYER + 1) == expected
+    assert SpectralMonitor(single(8, 8), sketch_dtype="float32").planner.sketch_dtype(cpu) == torch.float32
+    monkeypatch.setattr(plan_mod, "fast_bf16", lambda device: False)
+    assert SpectralMonitor(single(8, 8), sketch_dtype="bfloat16").planner.sketch_dtype(cpu) == torch.bfloat16
 
 
 def _realistic(m: int, n: int, seed: int, r: int = 6, noise: float = 1e-3) -> torch.Tensor:
@@ -728,7 +735,7 @@ def test_bf16_sketches_agree_with_the_exact_spectrum_and_the_float32_path():
         for k in names:
             set_canonical(mon, k, W0[k] + deltas[k])
         reports[dtype] = (mon.measure(1), mon.measure(2))  # cold, then warm-started
-        assert mon._workspace.nbytes > 0  # CPU buffers are kept for the next measurement
+        assert mon.workspace_bytes > 0  # CPU buffers are kept for the next measurement
         for k in names:
             set_canonical(mon, k, W0[k])
     for k in names:
@@ -791,7 +798,7 @@ def test_small_layers_share_a_batch_across_ranks_and_a_zero_update_layer():
     for step in (1, 2):
         for i, k in enumerate(names[:2]):  # "c" never changes
             set_canonical(mon, k, W0[k] + step * _realistic(m, n, seed=i, r=3, noise=1e-3))
-        assert len(mon._chunks()) == 1
+        assert len(batches(mon)) == 1
         r = mon.measure(step)
     assert val(r, "rank", "a") == val(r, "rank", "b") == 8.0  # the batch's larger rank
     for k in names[:2]:
@@ -817,7 +824,7 @@ def test_cuda_bf16_and_float32_sketches_agree_and_cuda_buffers_are_released():
             for k in names:
                 model[k].weight += deltas[k]
         reports[dtype] = mon.measure(1)
-        assert mon._workspace.nbytes == 0
+        assert mon.workspace_bytes == 0
         with torch.no_grad():
             for k in names:
                 model[k].weight -= deltas[k]
@@ -842,18 +849,3 @@ def test_rank_doubles_when_a_power_law_tail_runs_past_the_sketch():
     assert val(r, "alpha_tail", "q_proj") == 16.0 and val(r, "alpha_ks", "q_proj") < 0.1
     assert mon._state(mon.specs[0]).rank == 32
     assert val(mon.measure(2), "rank", "q_proj") == 32.0
-
-
-@pytest.mark.parametrize(
-    ("covered", "n_tail", "ks", "grows"),
-    [
-        (True, 16, 0.01, False),  # the tail ends inside the top-k: nothing to gain
-        (False, 32, 0.05, True),  # at the cut and a good fit
-        (False, 32, 0.2, True),  # D above alpha_max_ks but below 1.36/sqrt(32) = 0.24: cannot tell yet
-        (False, 32, 0.4, False),  # bulk-like edge (bench_scan: 0.38-0.51 on 32 values)
-        (False, 128, 0.15, False),  # 1.36/sqrt(128) = 0.12
-        (False, 0, float("nan"), False),  # no fit
-    ],
-)
-def test_rank_grows_only_while_the_tail_may_continue(covered, n_tail, ks, grows):
-    assert engine_mod._tail_may_continue(covered, n_tail, ks, 0.1) is grows

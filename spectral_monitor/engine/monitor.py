@@ -1,0 +1,333 @@
+"""``SpectralMonitor(model).measure(step) -> StepReport``: one measurement as a short pipeline.
+
+choose layers (:mod:`.plan`) → produce ΔW or its factors per batch from the base store
+(:mod:`.updates`) → decompose (:mod:`spectral_monitor.functional`) → per-layer metrics and
+model aggregates (:mod:`.metrics`, pure) → update the per-layer state (:mod:`.state`).
+
+Random test matrices come from the monitor's own generator, seeded by step, so the training
+RNG is never touched. An error inside a batch is caught, logged once and reported as skipped
+layers unless ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.profiler import record_function
+
+from spectral_monitor.config import MonitorConfig
+from spectral_monitor.engine.metrics import Decomposition, LayerResult, aggregate, layer_values
+from spectral_monitor.engine.plan import Batch, Planner
+from spectral_monitor.engine.state import LayerState, remember, sketch_iterations, warm_start
+from spectral_monitor.engine.updates import DenseUpdate, LoraUpdate, Prefetch, StreamedUpdate, Update, Workspace
+from spectral_monitor.errors import BaseMismatchError, NonFiniteError
+from spectral_monitor.functional import sketch_left_vectors
+from spectral_monitor.layers import LayerSpec, select_layers
+from spectral_monitor.records import StepReport
+from spectral_monitor.snapshot import BaseStore, DiskStore, make_store
+
+__all__ = ["SpectralMonitor"]
+
+log = logging.getLogger("spectral_monitor")
+
+#: power iterations for W_0's cached top-``base_k`` basis (at most): it serves alignments and the
+#: intruder test, which need its leading directions, not σ to a fraction of a percent
+BASE_NITER = 3
+#: W_t's top left vectors tested for intruders (Shuttleworth et al. 2024 use 10)
+INTRUDER_TOP = 10
+#: ΔW's top right vectors added to W_0's in the intruder sketch of W_t
+INTRUDER_OVERSAMPLE = 5
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    """FSDP2/TP DTensor, a DeepSpeed ZeRO-3 partition, or an FSDP1 flat-parameter view."""
+    if type(p).__name__ == "DTensor" or hasattr(p, "ds_id"):
+        return True
+    return p.dim() != 2 or p.numel() == 0
+
+
+class SpectralMonitor:
+    """Measures the spectrum of every monitored layer's update ΔW = W_t − W_0.
+
+    ``model``: any ``nn.Module``; ``config``: a :class:`MonitorConfig` (or pass its fields as
+    keyword arguments); ``reference``: a module holding the base weights (e.g. TRL's
+    ``ref_model``), used with ``base_store`` ``"auto"``/``"reference"`` instead of a copy.
+    Call :meth:`snapshot` when training starts (or :meth:`set_base`), then :meth:`measure`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: MonitorConfig | None = None,
+        *,
+        reference: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if config is None:
+            config = MonitorConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either config=MonitorConfig(...) or keyword arguments, not both")
+        self.model = model
+        self.config = config
+        self.reference = reference
+        specs = select_layers(model, config.layers, config.exclude)
+        sharded = [s.name for s in specs if _is_sharded(s.parameter())]
+        if sharded:
+            log.warning(
+                "spectral_monitor: %d layers hold sharded parameters (FSDP / DeepSpeed ZeRO-3 / DTensor), e.g. %r; "
+                "sharded training is not supported yet, so they are not monitored",
+                len(sharded),
+                sharded[0],
+            )
+        self.specs: list[LayerSpec] = [s for s in specs if s.name not in sharded]
+        if not self.specs:
+            log.warning("spectral_monitor: no layers selected (layers=%r); nothing will be measured", config.layers)
+        self.planner = Planner(config)
+        self.store: BaseStore | None = None
+        self._has_base = all(s.kind == "lora" for s in self.specs)
+        self._layers: dict[str, LayerState] = {}
+        self._warned: set[str] = set()
+        self._workspace = Workspace()
+        self.measurements = 0
+        self.last_step: int | None = None
+
+    # ------------------------------------------------------------------ base
+    @property
+    def has_base(self) -> bool:
+        """True once a base is set (always True when every layer is LoRA)."""
+        return self._has_base
+
+    def snapshot(self) -> BaseStore | None:
+        """Take the base W_0 now, into the store the config asks for. Returns the store."""
+        self.set_base(
+            make_store(self.config.base_store, self.specs, base_dir=self.config.base_dir, reference=self.reference)
+        )
+        return self.store
+
+    def set_base(self, store: BaseStore | None) -> None:
+        """Use ``store`` as the base (e.g. a :class:`DiskStore` reopened on resume); checks it matches."""
+        if isinstance(store, DiskStore):
+            store.check(self.specs)
+        if store is None and any(s.kind != "lora" for s in self.specs):
+            raise BaseMismatchError("a base store is needed: some monitored layers are not LoRA layers")
+        self.store = store
+        self._has_base = True
+        for state in self._layers.values():  # W_0 changed: cached base facts are stale
+            state.base_u, state.base_v, state.base_fro = None, None, None
+
+    @property
+    def workspace_bytes(self) -> int:
+        """Bytes of the ΔW buffers kept between measurements (CPU; device buffers are released)."""
+        return self._workspace.nbytes
+
+    def layer_state(self, name: str) -> LayerState | None:
+        """What the monitor remembers about layer ``name`` (None before its first measurement)."""
+        return self._layers.get(name)
+
+    # --------------------------------------------------------------- measure
+    def measure(self, step: int) -> StepReport:
+        """Measure every monitored layer now and return a :class:`StepReport` for ``step``."""
+        if not self._has_base:
+            raise RuntimeError("SpectralMonitor.measure() before snapshot(): call monitor.snapshot() at train start")
+        t0 = time.perf_counter()
+        report = StepReport(step=step)
+        cfg = self.config
+        full = cfg.full_every > 0 and (self.measurements + 1) % cfg.full_every == 0
+        batches = self.planner.batches(self.specs, lambda s: self._state(s).rank, full)
+        prefetch = self._prefetcher()
+        results: dict[str, LayerResult] = {}
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if prefetch is not None and i + 1 < len(batches) and batches[i + 1].kind == "dense":
+                    prefetch = self._start_prefetch(prefetch, batches[i + 1])
+                try:
+                    with record_function(f"spectral_monitor.{batch.kind}"):
+                        results.update(self._measure_batch(batch, step, full, prefetch, report))
+                except Exception as exc:  # never hurt the training run
+                    if cfg.strict:
+                        raise
+                    reason = f"{type(exc).__name__}: {exc}"
+                    names = [s.name for s in batch.specs]
+                    self._warn_once(reason, f"spectral_monitor: skipped {names} at step {step}: {reason}")
+                    for name in names:
+                        report.skipped.setdefault(name, reason)
+        self._workspace.release()
+        for spec in self.specs:  # model order
+            if spec.name in results:
+                report.layers[spec.name] = results[spec.name].values
+        types = {s.name: s.layer_type for s in self.specs}
+        report.aggregates, report.by_type, report.model = aggregate(report.layers, types, len(report.skipped))
+        self.measurements += 1
+        self.last_step = step
+        report.elapsed_s = time.perf_counter() - t0
+        report.model["measure_s"] = report.elapsed_s
+        return report
+
+    def _measure_batch(
+        self, batch: Batch, step: int, full: bool, prefetch: Prefetch | None, report: StepReport
+    ) -> dict[str, LayerResult]:
+        """The pipeline for one batch: ΔW → SVD → W_0's basis (first time) → intruders → metrics → state."""
+        cfg = self.config
+        states = [self._state(s) for s in batch.specs]
+        names = [s.name for s in batch.specs]
+        with record_function("spectral_monitor.fill"):
+            update = self._produce(batch, states, full, prefetch)
+        if update is None:
+            report.skipped[names[0]] = "no active LoRA adapter"
+            return {}
+        if not all(update.finite):
+            self._non_finite(batch, update, step)
+        if not any(update.finite):
+            for state in states:
+                state.prev_u = state.prev_v = None
+            return {name: LayerResult({"nonfinite": 1.0}, finite=False) for name in names}
+        m, n = batch.shape
+        gen = self._generator(batch.device, step)
+        init = None if update.exact else warm_start(states, n, gen, batch.device)
+        niter, oversample = sketch_iterations(cfg, init)
+        if not update.exact and batch.rank > min(m, n):
+            self._warn_once(
+                f"clamp:{m}x{n}", f"spectral_monitor: rank {batch.rank} clamped to {min(m, n)} for {m}x{n} layers"
+            )
+        with record_function("spectral_monitor.svd"):
+            U, S, V = update.svd(batch.rank, niter=niter, oversample=oversample, init=init, generator=gen)
+        with record_function("spectral_monitor.base_basis"):
+            # an exact (LoRA) update draws nothing: W_0's basis gets the step-independent seed
+            self._cache_base(update, states, self._generator(batch.device, 0) if update.exact else gen)
+        Ut = None
+        if cfg.intruders:
+            with record_function("spectral_monitor.intruders"):
+                top = min(INTRUDER_TOP, m, n)
+                start = torch.cat(
+                    [torch.stack([s.base_v.to(batch.device) for s in states])[..., :top], V[..., :INTRUDER_OVERSAMPLE]],
+                    dim=-1,
+                )
+                Ut = sketch_left_vectors(update.weights(), start, top).to(batch.device)
+        with record_function("spectral_monitor.spectrum"):
+            spectrum = update.spectrum()
+        dec = Decomposition(U, S, V, update.fro, update.sparsity, spectrum, Ut)
+        with record_function("spectral_monitor.metrics"):
+            results = layer_values(
+                dec,
+                finite=update.finite,
+                base_u=torch.stack([s.base_u.to(batch.device) for s in states]),
+                base_fro=[s.base_fro for s in states],
+                prev_u=[s.prev_u for s in states],
+                shape=(m, n),
+                config=cfg,
+            )
+        remember(states, dec, results, (m, n), cfg, sketched=not update.exact)
+        S_cpu = S.float().cpu()
+        for i, (name, res) in enumerate(zip(names, results)):
+            if res.finite:
+                report.spectra[name] = S_cpu[i]
+            else:
+                report.skipped[name] = "non-finite weights (NaN/Inf)"
+        return dict(zip(names, results))
+
+    def _produce(
+        self, batch: Batch, states: Sequence[LayerState], full: bool, prefetch: Prefetch | None
+    ) -> Update | None:
+        """ΔW of the batch, the way its kind needs (None: a LoRA layer without an active adapter)."""
+        cfg = self.config
+        if batch.kind == "lora":
+            factors = batch.specs[0].lora_factors()
+            update = None if factors is None else LoraUpdate(batch, factors)
+        elif batch.kind == "streamed":
+            update = StreamedUpdate(batch, self.store, eta=cfg.sparsity_eta, budget=self.planner.budget)
+        else:
+            need = [s.base_fro is None for s in states]
+            update = DenseUpdate(
+                batch,
+                self.store,
+                self._workspace,
+                eta=cfg.sparsity_eta,
+                need_base_fro=need,
+                full=full,
+                prefetch=prefetch,
+            )
+        if update is not None:
+            for state, value in zip(states, update.base_fro.tolist()):
+                if state.base_fro is None:
+                    state.base_fro = value
+        return update
+
+    def _cache_base(self, update: Update, states: Sequence[LayerState], gen: torch.Generator) -> None:
+        """W_0's top-``base_k`` singular vectors, taken once per layer (its first measurement)."""
+        if all(s.base_u is not None for s in states):
+            return
+        cfg = self.config
+        U0, V0 = update.base_basis(
+            cfg.base_k, niter=min(cfg.niter, BASE_NITER), oversample=cfg.oversample, generator=gen
+        )
+        for state, u0, v0 in zip(states, U0, V0):
+            state.base_u, state.base_v = u0, v0
+
+    def _non_finite(self, batch: Batch, update: Update, step: int) -> None:
+        bad = [s.name for s, ok in zip(batch.specs, update.finite) if not ok]
+        if self.config.strict:
+            raise NonFiniteError(f"non-finite values (NaN/Inf) in the weights or update of {bad} at step {step}")
+        self._warn_once(
+            f"nonfinite:{bad}",
+            f"spectral_monitor: NaN/Inf in {bad} at step {step}; "
+            "these layers are reported as non-finite and not measured",
+        )
+
+    def _state(self, spec: LayerSpec) -> LayerState:
+        if spec.name not in self._layers:
+            self._layers[spec.name] = LayerState(rank=self.config.rank)
+        return self._layers[spec.name]
+
+    def _prefetcher(self) -> Prefetch | None:
+        """A side-stream uploader when the base sits in (pinned) CPU memory and we compute on CUDA."""
+        dense = [s for s in self.specs if s.kind != "lora"]
+        if self.store is None or self.store.kind != "cpu" or not dense:
+            return None
+        device = self.planner.device(dense[0])
+        return Prefetch(self.store, device) if device.type == "cuda" else None
+
+    def _start_prefetch(self, prefetch: Prefetch, batch: Batch) -> Prefetch | None:
+        """Start the next upload; on any failure fall back to plain per-layer reads for this measurement."""
+        try:
+            prefetch.start(batch.specs)
+            return prefetch
+        except Exception as exc:
+            if self.config.strict:
+                raise
+            self._warn_once("prefetch", f"spectral_monitor: base prefetch disabled ({type(exc).__name__}: {exc})")
+            return None
+
+    def _generator(self, device: torch.device, step: int) -> torch.Generator:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(self.config.seed * 1_000_003 + step)
+        return gen
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs except the base weights themselves (see ``base``)."""
+        return {
+            "version": 1,
+            "measurements": self.measurements,
+            "last_step": self.last_step,
+            "layers": {name: st.to_dict() for name, st in self._layers.items()},
+            "base": self.store.describe() if self.store is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output. Reopens a disk base when its file still exists."""
+        self.measurements = int(state["measurements"])
+        self.last_step = state["last_step"]
+        self._layers = {name: LayerState(**st) for name, st in state["layers"].items()}
+        base = state.get("base") or {}
+        if base.get("kind") == "disk" and self.store is None:
+            self.set_base(DiskStore(base["path"]))
