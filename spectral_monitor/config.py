@@ -26,24 +26,21 @@ class MonitorConfig:
         Measure every ``every_n_steps`` optimizer steps, plus the first step (``measure_first``)
         and the last (the adapter passes ``final=True``). ``schedule(step) -> bool`` overrides it.
     Decomposition
-        ``rank`` k of the randomized SVD of ΔW (oversampled by ``oversample``, twice that from a cold
-        start, where a wider sketch buys the accuracy near the cut; ``niter`` power
-        iterations from a random start — the first measurement; at most 3 for W_0's cached basis — and
-        ``warm_niter`` once warm-started from the previous measurement's
-        subspace, None = ``niter``: the update moves slowly, and one warm iteration was more
-        accurate than a cold ``niter=2`` in the benchmarks; a cold ``niter=6`` put α within 2% of
-        the exact top-k fit on 35/36 GPT-2 layers against 25/36 with 3, and the twice wider cold
-        sketch on 36/36). With ``adaptive_rank`` a layer
-        whose power-law tail is not covered by the top-k, while the top-k fit still looks like a
-        power law (KS D <= ``alpha_max_ks`` or <= 1.36/sqrt(tail)), gets k doubled next time, up to
-        ``max_rank`` and a quarter of the layer's smaller side (beyond that a sketch costs about
-        as much as the exact full spectrum: use ``full_every``). Every ``full_every``-th
-        measurement takes the full spectrum (exact effective rank and α; 0 = never).
-        ``sketch_dtype``: dtype of ΔW's buffer and its products (``auto``: ``bfloat16`` on CUDA
-        GPUs with bf16 tensor cores and on CPUs with AMX or AVX512-BF16 for layers over 2**20
-        weights, else ``float32``).
-        ΔW is formed in float32 (norms, sparsity and NaN checks use it) and rounded once; QRs
-        and the small SVDs stay float32/64, so σ moves by <= 3e-4 relative (docs/metrics.md).
+        ``rank`` k of the randomized SVD of ΔW, oversampled by ``oversample`` columns (twice that
+        for a cold start, where a wider sketch buys the accuracy near the cut); ``niter`` power
+        iterations from a random start (the first measurement; at most 3 for W_0's cached basis)
+        and ``warm_niter`` once warm-started from the previous measurement's subspace (None =
+        ``niter``): the update moves slowly, so one warm iteration is about as accurate as
+        several cold ones. With ``adaptive_rank`` a layer whose power-law tail is not covered by
+        the top-k, while the top-k fit still looks like a power law (KS D <= ``alpha_max_ks`` or
+        <= 1.36/sqrt(tail)), gets k doubled next time, up to ``max_rank`` and a quarter of the
+        layer's smaller side (beyond that a sketch costs about as much as the exact full
+        spectrum: use ``full_every``). Every ``full_every``-th measurement takes the full
+        spectrum (exact effective rank and α; 0 = never). ``sketch_dtype``: dtype of ΔW's buffer
+        and its products (``auto``: ``bfloat16`` on CUDA GPUs with bf16 tensor cores and on CPUs
+        with AMX or AVX512-BF16 for layers over 2**20 weights, else ``float32``). ΔW is formed
+        in float32 (norms, sparsity and NaN checks use it) and rounded once; QRs and the small
+        SVDs stay float32/64, so σ moves by <= 3e-4 relative (docs/metrics.md).
     Base
         ``base_store``: where W_0 lives (``auto``: reference model or LoRA factors when present,
         else ``device``); ``base_dir`` for ``disk``. ``memory_budget_mb`` bounds the working
