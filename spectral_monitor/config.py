@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+import difflib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+import torch
 
 from spectral_monitor.errors import ConfigError
 
-__all__ = ["BASE_STORES", "SKETCH_DTYPES", "MonitorConfig"]
+__all__ = ["BASE_STORES", "SKETCH_DTYPES", "MonitorConfig", "build_config"]
 
 BASE_STORES = ("auto", "device", "cpu", "disk", "reference", "lora")
 SKETCH_DTYPES = ("auto", "bfloat16", "float32")
@@ -21,10 +25,13 @@ class MonitorConfig:
     Layer selection
         ``layers``: ``"all-linear"`` (every 2-D linear weight of the blocks: ``nn.Linear``,
         HF ``Conv1D``, LoRA-wrapped linears; not embeddings, ``lm_head``, norms), a list of
-        module names, or a regex string prefixed with ``"re:"``. ``exclude``: extra regexes.
+        module names, or a regex string prefixed with ``"re:"``. ``exclude``: extra regexes (one
+        string is one regex). Weights with ``requires_grad=False`` are left out unless
+        ``include_frozen`` (a frozen layer's update is zero).
     Schedule
-        Measure every ``every_n_steps`` optimizer steps, plus the first step (``measure_first``)
-        and the last (the adapter passes ``final=True``). ``schedule(step) -> bool`` overrides it.
+        Measure every ``every_n_steps`` optimizer steps, plus the first step seen (``measure_first``)
+        and the last (the adapter passes ``final=True``). ``schedule(step) -> bool`` replaces all
+        but the last.
     Decomposition
         ``rank`` k of the randomized SVD of ΔW, oversampled by ``oversample`` columns (twice that
         for a cold start, where a wider sketch buys the accuracy near the cut); ``niter`` power
@@ -51,7 +58,8 @@ class MonitorConfig:
     """
 
     layers: str | Sequence[str] = "all-linear"
-    exclude: Sequence[str] = ()
+    exclude: str | Sequence[str] = ()
+    include_frozen: bool = False
     every_n_steps: int = 25
     measure_first: bool = True
     schedule: Callable[[int], bool] | None = field(default=None, compare=False)
@@ -109,17 +117,24 @@ class MonitorConfig:
                 raise ConfigError(
                     f"MonitorConfig.layers must be 'all-linear', 're:<regex>' or a list of names, got {self.layers!r}"
                 )
+            if self.layers.startswith("re:"):
+                _check_regex("layers", self.layers[3:], self.layers)
         else:
             object.__setattr__(self, "layers", tuple(self.layers))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "exclude", (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude))
+        for pattern in self.exclude:
+            _check_regex("exclude", pattern, pattern)
         if self.schedule is not None and not callable(self.schedule):
             raise ConfigError(f"MonitorConfig.schedule must be callable(step) -> bool, got {self.schedule!r}")
+        if self.device is not None:
+            _check_device(self.device)
 
     def is_scheduled(self, step: int) -> bool:
-        """True when optimizer step ``step`` (1-based) is a measurement step."""
+        """True when optimizer step ``step`` is on the periodic schedule (``schedule(step)``, else a
+        multiple of ``every_n_steps``). The run adds the first step it sees (``measure_first``)."""
         if self.schedule is not None:
             return bool(self.schedule(step))
-        return step % self.every_n_steps == 0 or (self.measure_first and step == 1)
+        return step % self.every_n_steps == 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-friendly data (the schedule callable is shown by name)."""
@@ -128,3 +143,42 @@ class MonitorConfig:
         data["exclude"] = list(data["exclude"])
         data["schedule"] = getattr(self.schedule, "__name__", repr(self.schedule)) if self.schedule else None
         return data
+
+
+def _check_regex(name: str, pattern: str, shown: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"MonitorConfig.{name}={shown!r} is not a valid regular expression: {exc}") from None
+
+
+def _check_device(device: str) -> None:
+    """A device string torch understands and this machine has."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"MonitorConfig.device={device!r} is not a device: {exc}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"MonitorConfig.device={device!r}, but torch sees no CUDA device on this machine")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"MonitorConfig.device={device!r}, but torch sees only {count} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"MonitorConfig.device={device!r}, but MPS is not available on this machine")
+
+
+def build_config(config: MonitorConfig | None, kwargs: Mapping[str, Any], *, owner: str) -> MonitorConfig:
+    """``config``, or a :class:`MonitorConfig` from ``kwargs`` (not both); a misspelt field name gets
+    a :class:`ConfigError` that suggests the right one. ``owner`` names the caller in messages."""
+    names = [f.name for f in fields(MonitorConfig)]
+    unknown = [k for k in kwargs if k not in names]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, names, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{owner} got unknown option(s) {', '.join(hints)}; the options are MonitorConfig's fields")
+    if config is not None and kwargs:
+        raise ConfigError(f"{owner}: pass either config=MonitorConfig(...) or keyword arguments, not both")
+    return config if config is not None else MonitorConfig(**kwargs)

@@ -51,7 +51,7 @@ def _train(model: nn.Module, data, steps: int, lr: float, run: MonitorRun | None
         opt.step()
         if run is not None:
             if run.should_measure(step, final=step == steps):
-                run.record_context({"task_b_loss": float(loss), "task_a_loss": probe()})
+                run.record_context({"task_b_loss": loss.item(), "task_a_loss": probe()})
             run.on_optimizer_step(step, final=step == steps)
 
 

@@ -18,10 +18,11 @@ from torch import Tensor, nn
 
 __all__ = ["LayerSpec", "LoraAdapter", "select_layers"]
 
-# Never monitored by "all-linear": embeddings, output heads, classifier heads.
+# Never monitored by "all-linear": embeddings, output and classifier heads (any module named
+# ``head`` or ``<something>_head``), poolers.
 DEFAULT_EXCLUDE = (
-    r"(^|\.)(lm_head|embed_out|embed_tokens|wte|wpe|word_embeddings|position_embeddings|score|classifier"
-    r"|output_layer|pooler)(\.|$)",
+    r"(^|\.)(embed_out|embed_tokens|wte|wpe|word_embeddings|position_embeddings|score|classifier"
+    r"|output_layer|pooler|(\w+_)?head)(\.|$)",
 )
 
 _TYPE_PATTERNS = (
@@ -58,6 +59,17 @@ class LayerSpec:
     def transposed(self) -> bool:
         """True when the stored weight is ``(in, out)`` (HF Conv1D, or a LoRA over one)."""
         return self.kind == "conv1d" or (self.kind == "lora" and _is_conv1d(self.module.get_base_layer()))
+
+    @property
+    def trainable(self) -> bool:
+        """Does training change this layer? (LoRA: an active adapter's factors require grad.)"""
+        if self.kind != "lora":
+            return self.parameter().requires_grad
+        try:
+            adapters = self.lora_adapters()
+        except ValueError:
+            return True  # a merged or variant adapter: let the measurement report why it is skipped
+        return any(a.A.requires_grad or a.B.requires_grad for a in adapters)
 
     def parameter(self) -> Tensor:
         """The stored dense weight parameter (for LoRA: the frozen base weight)."""

@@ -57,6 +57,10 @@ class Alert:
     layers: tuple[str, ...] = ()
     stop: bool = False
 
+    def line(self) -> str:
+        """The one line a log shows: ``[spectral_monitor] step 50: <rule>: <message>``."""
+        return f"[spectral_monitor] step {self.step}: {self.rule}: {self.message}"
+
     def as_dict(self) -> dict:
         return {
             "rule": self.rule,

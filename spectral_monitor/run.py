@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from spectral_monitor.alerts import Rule, State, default_rules, evaluate
-from spectral_monitor.config import MonitorConfig
+from spectral_monitor.config import MonitorConfig, build_config
 from spectral_monitor.engine import SpectralMonitor
 from spectral_monitor.records import StepReport
 from spectral_monitor.sinks.base import Sink
@@ -77,7 +77,7 @@ class MonitorRun:
         is_main: bool = True,
         **kwargs: Any,
     ) -> None:
-        self.monitor = SpectralMonitor(model, config, reference=reference, **kwargs)
+        self.monitor = SpectralMonitor(model, build_config(config, kwargs, owner="MonitorRun"), reference=reference)
         self.config = self.monitor.config
         self.sinks = list(sinks)
         self.rules = list(default_rules() if rules is None else rules)
@@ -86,13 +86,19 @@ class MonitorRun:
         self.rule_states: dict[str, State] = {}
         self.context: dict[str, float] = {}
         self._started = False
+        self._finished = False
+        self._fresh_base = False  # the base was taken by start(), not restored from a checkpoint
+        self._warned: set[str] = set()
         self._broken: set[int] = set()
 
     # -------------------------------------------------------------- lifecycle
     def start(self, *, snapshot: bool = True) -> None:
-        """Take the base (unless one is set or ``snapshot=False``) and start the sinks."""
+        """Take the base (unless one is set or ``snapshot=False``) and start the sinks (also after
+        :meth:`finish`, which stops measuring until the next ``start``)."""
         if snapshot and not self.monitor.has_base:
             self.monitor.snapshot()
+            self._fresh_base = self.monitor.measurements == 0
+        self._finished = False
         if not self._started:
             self._started = True
             self._each_sink(
@@ -106,10 +112,13 @@ class MonitorRun:
             )
 
     def should_measure(self, step: int, *, final: bool = False) -> bool:
-        """True when ``step`` is on the schedule (or ``final``) and was not measured yet."""
-        if self.monitor.last_step is not None and step <= self.monitor.last_step:
+        """True when ``step`` was not measured yet and is the first step seen (``measure_first``), on
+        the schedule, or ``final``; never after :meth:`finish`. The answer depends only on the steps
+        and the schedule, so every rank of a distributed run gets the same one."""
+        if self._finished or (self.monitor.last_step is not None and step <= self.monitor.last_step):
             return False
-        return final or self.config.is_scheduled(step)
+        first = self.monitor.measurements == 0 and self.config.measure_first and self.config.schedule is None
+        return final or first or self.config.is_scheduled(step)
 
     def record_context(self, values: Mapping[str, Any]) -> None:
         """Remember the trainer's latest scalars (reward, kl, loss, ...) to log beside the spectra.
@@ -122,9 +131,18 @@ class MonitorRun:
                 self.context[key] = float(value)
 
     def on_optimizer_step(self, step: int, *, final: bool = False) -> Decision:
-        """Call after every optimizer step with the number of optimizer steps taken (1-based)."""
+        """Call after every optimizer step with the step's number (counted from 1, or from 0)."""
+        if self._finished:
+            self._warn_once("finished", "spectral_monitor: on_optimizer_step() after finish(): not measured")
+            return Decision()
         if not self.should_measure(step, final=final):
             return Decision()
+        if self._fresh_base and self.monitor.measurements == 0 and step > 1:
+            self._warn_once(
+                "late",
+                f"spectral_monitor: the base was taken at start(), and the first step measured is {step}: ΔW holds "
+                "only the updates since start(); call start() before the first optimizer step to see them all",
+            )
         if not self._started:
             if not self.monitor.has_base:
                 log.warning(
@@ -149,16 +167,22 @@ class MonitorRun:
         for alert in report.alerts:
             # warn when a rule starts firing; while it keeps firing, the metric and sinks carry it
             newly = self.rule_states[alert.rule]["count"] == patience[alert.rule]
-            log.log(logging.WARNING if newly else logging.DEBUG, alert.message)
+            log.log(logging.WARNING if newly else logging.DEBUG, alert.line())
         self._each_sink("write", report)
         stop = any(a.stop for a in report.alerts)
-        return Decision(report, stop, tuple(a.message for a in report.alerts if a.stop))
+        return Decision(report, stop, tuple(f"{a.rule}: {a.message}" for a in report.alerts if a.stop))
 
     def finish(self) -> None:
-        """Flush and close every sink (idempotent)."""
+        """Flush and close every sink, and stop measuring (idempotent)."""
+        self._finished = True
         if self._started:
             self._each_sink("finish")
             self._started = False
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
 
     def _each_sink(self, method: str, *args: Any) -> None:
         if not self.is_main:

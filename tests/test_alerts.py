@@ -11,12 +11,14 @@ from spectral_monitor.alerts import (
     AlphaOutOfBand,
     EffectiveRankDrop,
     IntruderDimensions,
+    KnowledgeLoss,
     MetricThreshold,
     NonFiniteWeights,
     Rank1Collapse,
     UpdateNormBlowup,
     default_rules,
     evaluate,
+    spectral_rules,
 )
 from spectral_monitor.errors import ConfigError
 from spectral_monitor.records import StepReport
@@ -56,7 +58,8 @@ def test_rank1_collapse_patience_and_reset():
     assert alert.rule == "rank1_collapse" and alert.step == 2
     assert "0.9" in alert.reason and "67%" in alert.reason and "50%" in alert.reason
     assert alert.layers == ("l0", "l1")
-    assert "step 2" in alert.message and alert.reason in alert.message
+    assert "rank-1 share > 0.9" in alert.message and "2 layers" in alert.message
+    assert alert.line() == f"[spectral_monitor] step 2: rank1_collapse: {alert.message}"
     assert alert.stop is False
 
 
@@ -154,7 +157,8 @@ def test_update_norm_blowup_relative_and_growth():
     fired, states = run(rule, reports)
     assert [len(a) for a in fired] == [0, 0, 0, 1, 1]
     assert "grew" in fired[3][0].reason and "10" in fired[3][0].reason  # growth and its threshold
-    assert fired[4][0].reason == "update_rel max=0.6 > 0.5"
+    assert fired[4][0].reason == "update_rel 0.6 > 0.5"
+    assert "the update of a is 0.6 of its base weight's norm" in fired[4][0].message
     assert fired[4][0].layers == ("a",)
     assert states["update_norm_blowup"]["ref"] == 100.0
 
@@ -220,7 +224,7 @@ def test_metric_threshold_without_bounds_is_a_config_error():
 
 # ------------------------------------------------------------------ evaluate
 def test_evaluate_is_pure():
-    rules = default_rules()
+    rules = default_rules() + spectral_rules()
     r = report(
         3,
         {"rho1": {"a": 0.99, "b": 0.95}, "update_rel": {"a": 0.9}, "nonfinite": {"a": 1.0}},
@@ -233,7 +237,7 @@ def test_evaluate_is_pure():
     assert states == states_before and r.metrics == metrics_before and r.alerts == []
     assert new_states is not states
     assert {a.rule for a in alerts} == {"rank1_collapse", "update_norm_blowup", "nonfinite_weights"}
-    assert new_states["erank_drop"] == {"count": 1, "ref": 10.0}  # 2 < 0.5 * 10, patience 2
+    assert new_states["erank_drop"] == {"count": 1, "ref": 10.0}  # 2 < 0.25 * 10, patience 3
     assert set(new_states) == {r.name for r in rules}
     # the same inputs give the same outputs
     again, again_states = evaluate(rules, states, r, early_stop=True)
@@ -241,7 +245,7 @@ def test_evaluate_is_pure():
 
 
 def test_early_stop_sets_alert_stop_only_for_rules_that_may_stop():
-    may, may_not = Rank1Collapse(patience=1), Rank1Collapse(name="soft", patience=1, stop=False)
+    may, may_not = Rank1Collapse(patience=1, stop=True), Rank1Collapse(name="soft", patience=1)
     r = rho1(1, 0.99)
     alerts, _ = evaluate([may, may_not], {}, r, early_stop=True)
     assert [(a.rule, a.stop) for a in alerts] == [("rank1_collapse", True), ("soft", False)]
@@ -249,6 +253,37 @@ def test_early_stop_sets_alert_stop_only_for_rules_that_may_stop():
     assert [a.stop for a in alerts] == [False, False]
 
 
-def test_default_rules_have_unique_names():
-    names = [r.name for r in default_rules()]
-    assert len(names) == len(set(names)) == 6
+def test_default_rules_are_the_hard_ones_and_the_probe_rule():
+    assert [r.name for r in default_rules()] == ["nonfinite_weights", "update_norm_blowup", "knowledge_loss"]
+    assert all(r.stop for r in default_rules())
+    shape = spectral_rules()
+    assert [r.name for r in shape] == ["rank1_collapse", "alpha_out_of_band", "intruder_dimensions", "erank_drop"]
+    assert not any(r.stop for r in shape)
+
+
+def test_relative_rules_stay_quiet_against_a_random_initialisation():
+    """A from-scratch run: the first updates are as large as the random weights; no alert."""
+    layers = {"update_rel": {"a": 0.6}, "intruders": {"a": 26.0}}
+    for rule in (UpdateNormBlowup(), IntruderDimensions(patience=1)):
+        fired, _ = run(rule, [report(5, layers, base_random_frac=1.0, update_norm_total=3.0)])
+        assert fired == [[]], rule.name
+        fired, _ = run(rule, [report(5, layers, base_random_frac=0.0, update_norm_total=3.0)])
+        assert len(fired[0]) == 1, rule.name
+
+
+def test_knowledge_loss_fires_on_the_probe_and_explains_with_the_spectra():
+    rule = KnowledgeLoss(kl=0.2, loss_rise=0.2, patience=2)
+    quiet = StepReport.from_flat(1, {"spectral/probe/kl": 0.1, "spectral/probe/loss_rel": 0.05})
+    layers = {"spectral/update_rel/h.0.mlp": 0.01, "spectral/update_rel/h.2.mlp": 0.05, "spectral/intruders/h.2.mlp": 3}
+    loud = {"spectral/probe/kl": 0.41, "spectral/probe/loss_rel": 0.38, "spectral/model/rho1_mean": 0.3, **layers}
+    fired, _ = run(rule, [quiet, StepReport.from_flat(2, loud), StepReport.from_flat(3, loud)])
+    assert [len(a) for a in fired] == [0, 0, 1]  # patience 2
+    alert = fired[2][0]
+    assert alert.reason == "KL 0.41 > 0.2; held-out loss +38% > +20%"
+    assert "KL to the base 0.41 nats/token" in alert.message and "+38.0%" in alert.message
+    assert "largest updates in h.2.mlp (0.05 of ‖W₀‖), h.0.mlp" in alert.message
+    assert "3 intruder directions" in alert.message and "0.30" in alert.message
+    # without a probe there is nothing to judge
+    assert run(rule, [report(1, {"update_rel": {"a": 0.9}}), report(2, {"update_rel": {"a": 0.9}})])[0] == [[], []]
+    with pytest.raises(ConfigError):
+        KnowledgeLoss(kl=None, loss_rise=None)

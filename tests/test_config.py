@@ -6,8 +6,9 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
-from spectral_monitor.config import BASE_STORES, MonitorConfig
+from spectral_monitor.config import BASE_STORES, MonitorConfig, build_config
 from spectral_monitor.errors import ConfigError
 
 
@@ -68,11 +69,9 @@ def test_sequences_become_tuples_and_regex_layers_are_accepted():
     assert MonitorConfig(base_store="disk", base_dir="/tmp/x").base_dir == "/tmp/x"
 
 
-def test_is_scheduled_every_n_and_first_step():
-    cfg = MonitorConfig(every_n_steps=5)
-    assert [s for s in range(1, 21) if cfg.is_scheduled(s)] == [1, 5, 10, 15, 20]
-    cfg = MonitorConfig(every_n_steps=5, measure_first=False)
-    assert [s for s in range(1, 21) if cfg.is_scheduled(s)] == [5, 10, 15, 20]
+def test_is_scheduled_is_the_periodic_schedule():
+    cfg = MonitorConfig(every_n_steps=5)  # the first step seen is added by the run (measure_first)
+    assert [s for s in range(0, 21) if cfg.is_scheduled(s)] == [0, 5, 10, 15, 20]
     cfg = MonitorConfig(every_n_steps=1)
     assert all(cfg.is_scheduled(s) for s in range(1, 10))
 
@@ -104,3 +103,39 @@ def test_to_dict_is_plain_json():
     assert data["rank"] == 32
     assert MonitorConfig().to_dict()["schedule"] is None
     assert MonitorConfig().to_dict()["layers"] == "all-linear"
+
+
+def test_exclude_string_is_one_regex():
+    assert MonitorConfig(exclude="pooler").exclude == ("pooler",)
+
+
+@pytest.mark.parametrize(("kwargs", "shown"), [({"layers": "re:["}, "re:["), ({"exclude": ["ok", "("]}, "'('")])
+def test_bad_regex_is_a_config_error_at_construction(kwargs, shown):
+    with pytest.raises(ConfigError, match="not a valid regular expression") as info:
+        MonitorConfig(**kwargs)
+    assert shown in str(info.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_a_config_error():
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        MonitorConfig(device="cuda")
+    with pytest.raises(ConfigError, match="not a device"):
+        MonitorConfig(device="gpu0")
+    assert MonitorConfig(device="cpu").device == "cpu"
+
+
+def test_a_misspelt_option_suggests_the_right_name():
+    from torch import nn
+
+    from spectral_monitor import MonitorRun, SpectralMonitor
+
+    for build in (
+        lambda: MonitorRun(nn.Linear(4, 4), every_n_step=5),
+        lambda: SpectralMonitor(nn.Linear(4, 4), rnak=4),
+    ):
+        with pytest.raises(ConfigError, match="did you mean") as info:
+            build()
+        assert "'every_n_steps'" in str(info.value) or "'rank'" in str(info.value)
+    with pytest.raises(ConfigError, match="either config"):
+        build_config(MonitorConfig(), {"rank": 4}, owner="x")

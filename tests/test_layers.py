@@ -198,3 +198,18 @@ def test_peft_lora_on_linear_model():
     # fresh LoRA: B = 0, so ΔW = 0, with scaling alpha/r = 2 folded into B
     B, A = lora[0].lora_factors()
     assert torch.count_nonzero(B) == 0 and A.shape == (2, 16)
+
+
+def test_heads_are_left_out_by_all_linear():
+    """A Lightning module's ``head``, a ``cls_head``, ``lm_head``: output heads, not blocks."""
+    model = nn.ModuleDict(
+        {
+            "body": nn.Linear(4, 4),
+            "head": nn.Linear(4, 2),
+            "cls_head": nn.Linear(4, 2),
+            "lm_head": nn.Linear(4, 2),
+            "heads_proj": nn.Linear(4, 4),
+        }
+    )
+    assert [s.name for s in select_layers(model)] == ["body", "heads_proj"]
+    assert [s.name for s in select_layers(model, "re:head")] == ["head", "cls_head", "lm_head", "heads_proj"]

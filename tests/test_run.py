@@ -174,7 +174,7 @@ def test_context_is_recorded_beside_the_spectra():
     assert "spectral/context/done" not in d.report.metrics
     summary = d.summary()
     assert summary["spectral/context/reward"] == 1.5
-    assert "spectral/model/rho1_mean" in summary
+    assert "spectral/model/update_norm_total" in summary
     assert all(k.startswith(("spectral/model/", "spectral/alert/", "spectral/context/")) for k in summary)
     assert not any(k.startswith("spectral/rho1/") for k in summary)
     run.record_context({"reward": 2.5})
@@ -184,7 +184,9 @@ def test_context_is_recorded_beside_the_spectra():
 def test_alert_fires_into_metrics_and_early_stop(caplog):
     model = net()
     sink = MemorySink()
-    run = MonitorRun(model, sinks=[sink], every_n_steps=1, rank=4, early_stop=True, rules=[Rank1Collapse(patience=1)])
+    run = MonitorRun(
+        model, sinks=[sink], every_n_steps=1, rank=4, early_stop=True, rules=[Rank1Collapse(patience=1, stop=True)]
+    )
     run.start()
     plant_rank1(model)
     caplog.set_level(logging.DEBUG, logger=LOGGER)
@@ -193,7 +195,8 @@ def test_alert_fires_into_metrics_and_early_stop(caplog):
         assert d.report.metrics["spectral/alert/rank1_collapse"] == 1.0
         assert d.summary()["spectral/alert/rank1_collapse"] == 1.0
         assert d.stop
-        assert len(d.reasons) == 1 and "rank1_collapse" in d.reasons[0] and "rho1>0.9" in d.reasons[0]
+        assert len(d.reasons) == 1 and d.reasons[0].startswith("rank1_collapse: ")
+        assert "rank-1 share > 0.9" in d.reasons[0]
     assert [a.rule for a in sink.alerts] == ["rank1_collapse"] * 3
     assert sink.reports[0].alerts[0].layers == ("q_proj", "v_proj")
     alert_warnings = [r for r in caplog.records if "rank1_collapse" in r.getMessage() and r.levelno == logging.WARNING]
@@ -202,13 +205,13 @@ def test_alert_fires_into_metrics_and_early_stop(caplog):
 
 def test_alert_without_early_stop_does_not_stop():
     model = net()
-    run = MonitorRun(model, every_n_steps=1, rank=4, rules=[Rank1Collapse(patience=1)])
+    run = MonitorRun(model, every_n_steps=1, rank=4, rules=[Rank1Collapse(patience=1, stop=True)])
     run.start()
     plant_rank1(model)
     d = run.on_optimizer_step(1)
     assert d.report.metrics["spectral/alert/rank1_collapse"] == 1.0
     assert not d.stop and d.reasons == ()
-    quiet = MonitorRun(net(), every_n_steps=1, rank=4, rules=[Rank1Collapse(patience=1)])
+    quiet = MonitorRun(net(), every_n_steps=1, rank=4, rules=[Rank1Collapse(patience=1, stop=True)])
     d = quiet.on_optimizer_step(1)  # ΔW = 0: nothing fires
     assert "spectral/alert/rank1_collapse" not in d.report.metrics and d.report.alerts == []
 
@@ -262,3 +265,71 @@ def test_update_norm_blowup_is_quiet_on_a_healthy_run_with_the_default_schedule(
         if decision.measured:
             fired += [(step, a.reason) for a in decision.report.alerts]
     assert fired == []
+
+
+def _step_all(run, model, steps):
+    for step in steps:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+        run.on_optimizer_step(step)
+
+
+def test_a_zero_based_loop_measures_its_first_step_once():
+    model = net()
+    sink = MemorySink()
+    run = MonitorRun(model, every_n_steps=5, rank=4, sinks=[sink], rules=[])
+    run.start()
+    _step_all(run, model, range(0, 11))
+    assert [r.step for r in sink.reports] == [0, 5, 10]
+
+
+def test_nothing_is_measured_after_finish(caplog):
+    model = net()
+    sink = MemorySink()
+    run = MonitorRun(model, every_n_steps=1, rank=4, sinks=[sink], rules=[])
+    run.start()
+    _step_all(run, model, [1])
+    run.finish()
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    _step_all(run, model, [2, 3])
+    assert [r.step for r in sink.reports] == [1] and sink.finished
+    assert len([r for r in caplog.records if "after finish()" in r.getMessage()]) == 1
+    run.start()  # an explicit restart measures again
+    _step_all(run, model, [4])
+    assert [r.step for r in sink.reports] == [1, 4]
+
+
+def test_starting_after_some_steps_warns_that_earlier_updates_are_not_seen(caplog):
+    model = net()
+    run = MonitorRun(model, every_n_steps=5, rank=4, rules=[])
+    run.start()
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    _step_all(run, model, [37, 38])
+    [msg] = [r.getMessage() for r in caplog.records if "first step measured is 37" in r.getMessage()]
+    assert "call start() before the first optimizer step" in msg
+    caplog.clear()
+    fresh = MonitorRun(net(), every_n_steps=5, rank=4, rules=[])
+    fresh.start()
+    _step_all(fresh, fresh.monitor.model, [1, 2])
+    assert not [r for r in caplog.records if "first step measured" in r.getMessage()]
+
+
+def test_a_from_scratch_run_is_not_stopped_by_the_default_rules():
+    """Random initialisation, large relative updates: the default rules have no trained base to
+    compare against and stay quiet, with early_stop on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    sink = MemorySink()
+    run = MonitorRun(model, every_n_steps=1, sinks=[sink], early_stop=True)
+    run.start()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for step in range(1, 6):
+        loss = model(torch.randn(16, 32)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert not run.on_optimizer_step(step).stop
+    assert sink.reports[-1].aggregate("update_rel", "max") > 0.5  # what update_norm_blowup would have seen
+    assert sink.reports[-1].model["base_random_frac"] == 1.0
+    assert not sink.alerts

@@ -187,11 +187,13 @@ def aggregate(
 
     ``layers``: layer -> metrics (non-finite layers carry ``nonfinite=1``); ``types``: layer ->
     type; ``skipped``: layers not measured. Returns ``(aggregates, by_type, model)``:
-    metric -> {mean, median, min, max} over the finite layers, metric -> type -> mean, and
-    ``update_norm_total`` (‖ΔW‖_F of all layers together), ``alpha_reliable_frac``, ``layers``,
-    ``skipped``, ``nonfinite``.
+    metric -> {mean, median, min, max} over the layers whose update is finite and non-zero (a
+    zero update has no spectrum to summarise), metric -> type -> mean, and ``update_norm_total``
+    (‖ΔW‖_F of all layers together), ``alpha_reliable_frac``, ``layers`` (those summarised),
+    ``zero_update``, ``skipped``, ``nonfinite``.
     """
-    measured = {name: v for name, v in layers.items() if v.get("nonfinite", 0.0) == 0.0}
+    finite = {name: v for name, v in layers.items() if v.get("nonfinite", 0.0) == 0.0}
+    measured = {name: v for name, v in finite.items() if v.get("update_norm", 0.0) > 0.0}
     aggregates: dict[str, dict[str, float]] = {}
     for metric in AGGREGATED:
         xs = [v[metric] for v in measured.values() if _usable(metric, v)]
@@ -217,6 +219,7 @@ def aggregate(
         fitted = [v["alpha_reliable"] for v in measured.values() if "alpha_reliable" in v]
         model["alpha_reliable_frac"] = sum(fitted) / max(1, len(fitted))
     model["layers"] = float(len(measured))
+    model["zero_update"] = float(len(finite) - len(measured))
     model["skipped"] = float(skipped)
     model["nonfinite"] = float(sum(v.get("nonfinite", 0.0) for v in layers.values()))
     return aggregates, by_type, model

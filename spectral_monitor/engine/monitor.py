@@ -20,12 +20,19 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from spectral_monitor.config import MonitorConfig
+from spectral_monitor.config import MonitorConfig, build_config
 from spectral_monitor.engine.metrics import Decomposition, LayerResult, aggregate, layer_values
 from spectral_monitor.engine.plan import Batch, Planner
-from spectral_monitor.engine.state import LayerState, remember, sketch_iterations, warm_start
+from spectral_monitor.engine.state import (
+    RANDOM_LIKE,
+    LayerState,
+    base_srank_ratio,
+    remember,
+    sketch_iterations,
+    warm_start,
+)
 from spectral_monitor.engine.updates import DenseUpdate, LoraUpdate, Prefetch, StreamedUpdate, Update, Workspace
-from spectral_monitor.errors import BaseMismatchError, NonFiniteError
+from spectral_monitor.errors import BaseMismatchError, ConfigError, NonFiniteError
 from spectral_monitor.functional import sketch_left_vectors
 from spectral_monitor.layers import LayerSpec, select_layers
 from spectral_monitor.records import StepReport
@@ -68,14 +75,11 @@ class SpectralMonitor:
         reference: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        if config is None:
-            config = MonitorConfig(**kwargs)
-        elif kwargs:
-            raise TypeError("pass either config=MonitorConfig(...) or keyword arguments, not both")
+        config = build_config(config, kwargs, owner="SpectralMonitor")
         self.model = model
         self.config = config
         self.reference = reference
-        specs = select_layers(model, config.layers, config.exclude)
+        specs = self._select(model, config)
         sharded = [s.name for s in specs if _is_sharded(s.parameter())]
         if sharded:
             log.warning(
@@ -85,8 +89,6 @@ class SpectralMonitor:
                 sharded[0],
             )
         self.specs: list[LayerSpec] = [s for s in specs if s.name not in sharded]
-        if not self.specs:
-            log.warning("spectral_monitor: no layers selected (layers=%r); nothing will be measured", config.layers)
         self.planner = Planner(config)
         self.store: BaseStore | None = None
         self._has_base = all(s.kind == "lora" for s in self.specs)
@@ -96,6 +98,34 @@ class SpectralMonitor:
         self.measurements = 0
         self.last_step: int | None = None
 
+    @staticmethod
+    def _select(model: nn.Module, config: MonitorConfig) -> list[LayerSpec]:
+        """The configured layers, without frozen ones unless ``include_frozen``; says once why
+        layers were left out, and which option left none."""
+        chosen = select_layers(model, config.layers, ())
+        specs = select_layers(model, config.layers, config.exclude) if config.exclude else chosen
+        if chosen and not specs:
+            log.warning(
+                "spectral_monitor: exclude=%r removes all %d layers chosen by layers=%r; nothing will be measured",
+                list(config.exclude),
+                len(chosen),
+                config.layers,
+            )
+        elif not chosen:
+            log.warning("spectral_monitor: layers=%r selects no linear layer; nothing will be measured", config.layers)
+        if config.include_frozen:
+            return specs
+        frozen = [s.name for s in specs if not s.trainable]
+        if frozen:
+            log.warning(
+                "spectral_monitor: %d of %d selected layers are frozen (requires_grad=False), e.g. %r, and are not "
+                "monitored; include_frozen=True monitors them",
+                len(frozen),
+                len(specs),
+                frozen[0],
+            )
+        return [s for s in specs if s.name not in frozen]
+
     # ------------------------------------------------------------------ base
     @property
     def has_base(self) -> bool:
@@ -104,6 +134,12 @@ class SpectralMonitor:
 
     def snapshot(self) -> BaseStore | None:
         """Take the base W_0 now, into the store the config asks for. Returns the store."""
+        meta = [s.name for s in self.specs if s.parameter().is_meta]
+        if meta:
+            raise ConfigError(
+                f"{len(meta)} monitored weights are on the meta device (e.g. {meta[0]!r}): the model has no values "
+                "yet; load or materialize its weights before the monitor takes its base"
+            )
         self.set_base(
             make_store(self.config.base_store, self.specs, base_dir=self.config.base_dir, reference=self.reference)
         )
@@ -118,7 +154,7 @@ class SpectralMonitor:
         self.store = store
         self._has_base = True
         for state in self._layers.values():  # W_0 changed: cached base facts are stale
-            state.base_u, state.base_v, state.base_fro = None, None, None
+            state.base_u, state.base_v, state.base_fro, state.base_sigma1 = None, None, None, None
 
     @property
     def workspace_bytes(self) -> int:
@@ -138,7 +174,8 @@ class SpectralMonitor:
         report = StepReport(step=step)
         cfg = self.config
         full = cfg.full_every > 0 and (self.measurements + 1) % cfg.full_every == 0
-        batches = self.planner.batches(self.specs, lambda s: self._state(s).rank, full)
+        specs = self._attached(report)
+        batches = self.planner.batches(specs, lambda s: self._state(s).rank, full)
         prefetch = self._prefetcher()
         results: dict[str, LayerResult] = {}
         with torch.no_grad():
@@ -162,11 +199,32 @@ class SpectralMonitor:
                 report.layers[spec.name] = results[spec.name].values
         types = {s.name: s.layer_type for s in self.specs}
         report.aggregates, report.by_type, report.model = aggregate(report.layers, types, len(report.skipped))
+        ratios = [base_srank_ratio(self._layers[s.name], s.shape) for s in self.specs if s.name in report.layers]
+        known = [r for r in ratios if r is not None]
+        if known:
+            report.model["base_random_frac"] = sum(r >= RANDOM_LIKE for r in known) / len(known)
         self.measurements += 1
         self.last_step = step
         report.elapsed_s = time.perf_counter() - t0
         report.model["measure_s"] = report.elapsed_s
         return report
+
+    def _attached(self, report: StepReport) -> list[LayerSpec]:
+        """The layers still in the model; one that was replaced since the monitor was built (its
+        module is no longer at its name) is skipped: its base and history belong to the old module."""
+        out = []
+        for spec in self.specs:
+            try:
+                attached = self.model.get_submodule(spec.name) is spec.module
+            except AttributeError:
+                attached = False
+            if attached:
+                out.append(spec)
+                continue
+            reason = "the module was replaced after the monitor was built; its base belongs to the old one"
+            report.skipped[spec.name] = reason
+            self._warn_once(f"replaced:{spec.name}", f"spectral_monitor: {spec.name} is not measured: {reason}")
+        return out
 
     def _measure_batch(
         self, batch: Batch, step: int, full: bool, prefetch: Prefetch | None, report: StepReport
@@ -262,11 +320,11 @@ class SpectralMonitor:
         if all(s.base_u is not None for s in states):
             return
         cfg = self.config
-        U0, V0 = update.base_basis(
+        U0, S0, V0 = update.base_basis(
             cfg.base_k, niter=min(cfg.niter, BASE_NITER), oversample=cfg.oversample, generator=gen
         )
-        for state, u0, v0 in zip(states, U0, V0):
-            state.base_u, state.base_v = u0, v0
+        for state, u0, s0, v0 in zip(states, U0, S0.tolist(), V0):
+            state.base_u, state.base_sigma1, state.base_v = u0, s0[0], v0
 
     def _non_finite(self, batch: Batch, update: Update, step: int) -> None:
         bad = [s.name for s, ok in zip(batch.specs, update.finite) if not ok]

@@ -18,7 +18,16 @@ from torch import Tensor
 from spectral_monitor.config import MonitorConfig
 from spectral_monitor.engine.metrics import Decomposition, LayerResult
 
-__all__ = ["COLD_OVERSAMPLE", "LayerState", "remember", "sketch_iterations", "tail_may_continue", "warm_start"]
+__all__ = [
+    "COLD_OVERSAMPLE",
+    "RANDOM_LIKE",
+    "LayerState",
+    "base_srank_ratio",
+    "remember",
+    "sketch_iterations",
+    "tail_may_continue",
+    "warm_start",
+]
 
 #: a cold sketch (no previous subspace: the first measurement, or a layer whose last update was 0
 #: or NaN) oversamples this many times ``oversample``: near the cut of a slowly decaying spectrum a
@@ -36,9 +45,25 @@ class LayerState:
     base_u: Tensor | None = None  # (m, base_k) top left singular vectors of W_0
     base_v: Tensor | None = None  # (n, base_k) its right ones: the start of the sketch of W_t
     base_fro: float | None = None  # ‖W_0‖_F
+    base_sigma1: float | None = None  # σ₁(W_0)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
+
+
+#: a base whose stable rank is at least this share of a random matrix's looks like a random
+#: initialisation (trained weights are heavy-tailed: their stable rank is far lower)
+RANDOM_LIKE = 0.9
+
+
+def base_srank_ratio(state: LayerState, shape: tuple[int, int]) -> float | None:
+    """Stable rank ‖W_0‖_F²/σ₁² over its value for an i.i.d. random matrix of the shape,
+    mn/(√m+√n)² (Marchenko–Pastur edge): ≈ 1 for a random initialisation, well below 1 for
+    trained weights. None before W_0's basis is known."""
+    if not state.base_fro or not state.base_sigma1:
+        return None
+    m, n = shape
+    return (state.base_fro / state.base_sigma1) ** 2 / (m * n / (m**0.5 + n**0.5) ** 2)
 
 
 def warm_start(states: Sequence[LayerState], n: int, generator: torch.Generator, device: torch.device) -> Tensor | None:

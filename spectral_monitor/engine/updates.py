@@ -57,9 +57,7 @@ class Update(ABC):
         """W_t of each layer, canonical ``(m, n)``, in place (any dtype, possibly another device)."""
 
     @abstractmethod
-    def base_basis(
-        self, rank: int, *, niter: int, oversample: int, generator: torch.Generator
-    ) -> tuple[Tensor, Tensor]:
+    def base_basis(self, rank: int, *, niter: int, oversample: int, generator: torch.Generator) -> SVD:
         """W_0's top-``rank`` left and right singular vectors, ``(b, m, k)`` and ``(b, n, k)``."""
 
 
@@ -220,15 +218,10 @@ class DenseUpdate(Update):
     def weights(self) -> list[Tensor]:
         return [s.canonical(s.parameter().detach()) for s in self.batch.specs]
 
-    def base_basis(
-        self, rank: int, *, niter: int, oversample: int, generator: torch.Generator
-    ) -> tuple[Tensor, Tensor]:
+    def base_basis(self, rank: int, *, niter: int, oversample: int, generator: torch.Generator) -> SVD:
         dtype, device = self.batch.sketch_dtype, self.batch.device
         W0 = torch.stack([s.canonical(self.store.get(s, device)).to(dtype) for s in self.batch.specs])
-        U0, _, V0 = randomized_svd(
-            W0, rank, niter=niter, oversample=oversample, generator=generator, sketch_dtype=dtype
-        )
-        return U0, V0
+        return randomized_svd(W0, rank, niter=niter, oversample=oversample, generator=generator, sketch_dtype=dtype)
 
 
 class StreamedUpdate(Update):
@@ -278,10 +271,8 @@ class StreamedUpdate(Update):
     def weights(self) -> list[Tensor]:
         return [self.W]
 
-    def base_basis(
-        self, rank: int, *, niter: int, oversample: int, generator: torch.Generator
-    ) -> tuple[Tensor, Tensor]:
-        U0, _, V0 = randomized_svd(
+    def base_basis(self, rank: int, *, niter: int, oversample: int, generator: torch.Generator) -> SVD:
+        U0, S0, V0 = randomized_svd(
             self.B0,
             rank,
             niter=niter,
@@ -290,7 +281,7 @@ class StreamedUpdate(Update):
             block_rows=self.rows,
             sketch_dtype=self.batch.sketch_dtype,
         )
-        return U0[None], V0[None]
+        return U0[None], S0[None], V0[None]
 
 
 class LoraUpdate(Update):
@@ -321,11 +312,9 @@ class LoraUpdate(Update):
     def weights(self) -> list[Tensor]:
         return [self.W0 + self.B @ self.A]
 
-    def base_basis(
-        self, rank: int, *, niter: int, oversample: int, generator: torch.Generator
-    ) -> tuple[Tensor, Tensor]:
+    def base_basis(self, rank: int, *, niter: int, oversample: int, generator: torch.Generator) -> SVD:
         dtype = self.batch.sketch_dtype
-        U0, _, V0 = randomized_svd(
+        U0, S0, V0 = randomized_svd(
             self.W0, rank, niter=niter, oversample=oversample, generator=generator, sketch_dtype=dtype
         )
-        return U0[None], V0[None]
+        return U0[None], S0[None], V0[None]

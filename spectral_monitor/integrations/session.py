@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from spectral_monitor.alerts import Rule
-from spectral_monitor.config import MonitorConfig
+from spectral_monitor.config import MonitorConfig, build_config
 from spectral_monitor.run import Decision, MonitorRun
 from spectral_monitor.sinks.base import Sink
 from spectral_monitor.sinks.jsonl import JsonlSink
@@ -54,9 +54,7 @@ class MonitorSession:
         report_to_sinks: bool = True,
         **kwargs: Any,
     ) -> None:
-        if config is not None and kwargs:
-            raise TypeError("pass either config=MonitorConfig(...) or keyword arguments, not both")
-        self.config = config if config is not None else MonitorConfig(**kwargs)
+        self.config = build_config(config, kwargs, owner="SpectralMonitorCallback")
         self.extra_sinks = list(sinks or [])
         self.rules = rules
         self.early_stop = early_stop

@@ -175,7 +175,7 @@ class WandbSink:
             for alert in alerts:
                 self._run.alert(
                     title=f"spectral_monitor: {alert.rule}"[:_TITLE_MAX],
-                    text=f"step {alert.step}: {alert.message} ({alert.reason})",
+                    text=f"step {alert.step}: {alert.message}",
                     level="ERROR" if alert.stop else "WARN",
                 )
         data = [[a.step, a.rule, a.reason, a.message, ", ".join(a.layers), a.stop] for a in self._alerts]

@@ -100,6 +100,7 @@ def test_aggregate_skips_non_finite_layers_and_unreliable_alpha():
         "update_norm_total": 5.0,
         "alpha_reliable_frac": 0.5,
         "layers": 2.0,
+        "zero_update": 0.0,
         "skipped": 1.0,
         "nonfinite": 1.0,
     }

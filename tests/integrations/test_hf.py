@@ -199,7 +199,7 @@ def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path, tiny_g
 
 
 def test_planted_divergence_stops_training(tmp_path, tiny_gpt2, caplog):
-    cb = SpectralMonitorCallback(every_n_steps=2, early_stop=True, rules=[Rank1Collapse(patience=1)])
+    cb = SpectralMonitorCallback(every_n_steps=2, early_stop=True, rules=[Rank1Collapse(patience=1, stop=True)])
     args = make_args(tmp_path, max_steps=12, save_strategy="steps", save_steps=100)
     trainer = transformers.Trainer(
         model=tiny_gpt2(), args=args, train_dataset=AdditionLM(), callbacks=[PlantRank1(at=4), cb]
@@ -292,3 +292,27 @@ def test_recipe_hf_trainer_quick(tmp_path):
     proc = run_recipe("hf_trainer", tmp_path)
     assert "measured at steps [1, 4, 8, 12]" in proc.stdout
     assert [r.step for r in jsonl(tmp_path)] == [1, 4, 8, 12]
+
+
+def test_resume_without_the_base_file_names_the_missing_file(tmp_path, tiny_gpt2, caplog):
+    kw = {"max_steps": 8, "save_strategy": "steps", "save_steps": 4}
+    out = tmp_path / "run"
+    first = transformers.Trainer(
+        model=tiny_gpt2(),
+        args=make_args(out, **kw),
+        train_dataset=AdditionLM(),
+        callbacks=[SpectralMonitorCallback(every_n_steps=4), Crash(at=6)],
+    )
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    [base] = (out / "spectral_monitor").glob("base-*.safetensors")
+    base.unlink()
+    caplog.set_level(logging.WARNING, logger="spectral_monitor")
+    cb = SpectralMonitorCallback(every_n_steps=4)
+    resumed = transformers.Trainer(
+        model=tiny_gpt2(), args=make_args(out, **kw), train_dataset=AdditionLM(), callbacks=[cb]
+    )
+    resumed.train(resume_from_checkpoint=True)
+    [msg] = [r.getMessage() for r in caplog.records if "resumed at step 4" in r.getMessage()]
+    assert base.name in msg and "is missing" in msg and "spectral_monitor.pt" not in msg
+    assert "the base is taken NOW" in msg

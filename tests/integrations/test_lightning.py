@@ -30,13 +30,28 @@ class MLP(L.LightningModule):
 
     ``plant_at``: the optimizer step whose weights get a large rank-1 matrix added to ``net.2``
     (added in the training step just before that optimizer step), a planted divergence.
+    ``trained_base``: hidden weights with a decaying spectrum, like trained ones (a random
+    initialisation is no base for relative rules).
     """
 
-    def __init__(self, seed: int = 0, lr: float = 1e-3, dropout: float = 0.0, plant_at: int | None = None) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        lr: float = 1e-3,
+        dropout: float = 0.0,
+        plant_at: int | None = None,
+        trained_base: bool = False,
+    ) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Dropout(dropout))
         self.head = nn.Linear(32, 1)
+        if trained_base:
+            with torch.no_grad():
+                for layer in (self.net[0], self.net[2]):
+                    U, S, Vh = torch.linalg.svd(layer.weight, full_matrices=False)
+                    decay = 1.0 / torch.arange(1, len(S) + 1) ** 1.5
+                    layer.weight.copy_((U * (decay * S.norm() / decay.norm())) @ Vh)
         self.lr, self.plant_at = lr, plant_at
         self.losses: list[float] = []
 
@@ -168,7 +183,7 @@ def test_planted_divergence_stops_training_with_reason(tmp_path, caplog):
     cb = SpectralMonitorCallback(every_n_steps=2, rank=4, exclude=EXCLUDE, sinks=[mem], early_stop=True)
     t = trainer(tmp_path, callbacks=[cb], max_steps=40)
     with caplog.at_level(logging.WARNING, logger="spectral_monitor"):
-        t.fit(MLP(plant_at=6), loader())
+        t.fit(MLP(plant_at=6, trained_base=True), loader())
     assert t.global_step == 6 and t.should_stop
     assert [r.step for r in mem.reports] == [1, 2, 4, 6]
     assert not any(r.alerts for r in mem.reports[:-1])  # the default rules stay quiet before the plant
@@ -183,7 +198,7 @@ def test_planted_divergence_stops_training_with_reason(tmp_path, caplog):
     mem2 = MemorySink()
     cb2 = SpectralMonitorCallback(every_n_steps=2, rank=4, exclude=EXCLUDE, sinks=[mem2], rules=[UpdateNormBlowup()])
     t2 = trainer(tmp_path / "no_stop", callbacks=[cb2], max_steps=10)
-    t2.fit(MLP(plant_at=6), loader())
+    t2.fit(MLP(plant_at=6, trained_base=True), loader())
     assert t2.global_step == 10 and mem2.reports[-1].step == 10
     assert [a.rule for a in mem2.alerts][:1] == ["update_norm_blowup"] and mem2.alerts[0].step == 6
 

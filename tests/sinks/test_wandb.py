@@ -126,7 +126,7 @@ def test_owned_run_logs_every_value_at_its_step(wandb_dir):
     [sent] = read_wandb_alerts(wandb_dir)
     assert sent["title"] == "spectral_monitor: rho1_collapse"
     assert sent["level"] == "ERROR"  # stop=True
-    assert ALERT.message in sent["text"] and "step 20" in sent["text"]
+    assert sent["text"] == f"step 20: {ALERT.message}"  # said once: no prefix, no repeated reason
 
 
 def hf_like_run():
@@ -205,3 +205,18 @@ def test_missing_wandb_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(MissingDependencyError, match=r"spectral-monitor\[wandb\]"):
         WandbSink()
+
+
+def test_tables_and_heatmaps_list_layers_in_model_order(wandb_dir):
+    layers = ["h.0.attn", "h.2.attn", "h.10.attn", "h.11.attn"]  # text order would be 0, 10, 11, 2
+    report = StepReport(step=1, layers={name: {"rho1": 0.1 * i} for i, name in enumerate(layers)})
+    sink = WandbSink(wandb.init(project="spectral-test"), heatmap_metrics=("rho1",))
+    sink.start({})
+    sink.write(report)
+    sink.finish()
+    wandb.run.finish()
+    history = read_wandb_history(wandb_dir)
+    [table] = [row["spectral/layers"] for row in history if "spectral/layers" in row]
+    [heat] = [row["spectral/heatmap_table/rho1"] for row in history if "spectral/heatmap_table/rho1" in row]
+    assert [r["layer"] for r in read_wandb_table(wandb_dir, table)] == layers
+    assert [r["layer"] for r in read_wandb_table(wandb_dir, heat)] == layers
