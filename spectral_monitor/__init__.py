@@ -8,12 +8,14 @@ from spectral_monitor.alerts import (
     AlphaOutOfBand,
     EffectiveRankDrop,
     IntruderDimensions,
+    KnowledgeLoss,
     MetricThreshold,
     NonFiniteWeights,
     Rank1Collapse,
     Rule,
     UpdateNormBlowup,
     default_rules,
+    spectral_rules,
 )
 from spectral_monitor.config import MonitorConfig
 from spectral_monitor.engine import SpectralMonitor
@@ -24,10 +26,11 @@ from spectral_monitor.errors import (
     NonFiniteError,
     SpectralMonitorError,
 )
+from spectral_monitor.probes import Probe, ProbeResult
 from spectral_monitor.records import Alert, StepReport
 from spectral_monitor.run import Decision, MonitorRun
 from spectral_monitor.sinks import ConsoleSink, JsonlSink, MemorySink, TensorBoardSink, WandbSink, read_jsonl
-from spectral_monitor.substitution import rank_k_probe, substitute_, substituted
+from spectral_monitor.substitution import SubstitutionOptions, rank_k_probe, substitute_, substituted
 
 __version__ = "0.1.0"
 
@@ -41,6 +44,7 @@ __all__ = [
     "EffectiveRankDrop",
     "IntruderDimensions",
     "JsonlSink",
+    "KnowledgeLoss",
     "MemorySink",
     "MetricThreshold",
     "MissingDependencyError",
@@ -48,11 +52,14 @@ __all__ = [
     "MonitorRun",
     "NonFiniteError",
     "NonFiniteWeights",
+    "Probe",
+    "ProbeResult",
     "Rank1Collapse",
     "Rule",
     "SpectralMonitor",
     "SpectralMonitorError",
     "StepReport",
+    "SubstitutionOptions",
     "TensorBoardSink",
     "UpdateNormBlowup",
     "WandbSink",
@@ -60,6 +67,7 @@ __all__ = [
     "default_rules",
     "rank_k_probe",
     "read_jsonl",
+    "spectral_rules",
     "substitute_",
     "substituted",
 ]

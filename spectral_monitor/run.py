@@ -16,9 +16,11 @@ from typing import Any
 
 from torch import nn
 
-from spectral_monitor.alerts import Rule, State, default_rules, evaluate
+from spectral_monitor.alerts import KnowledgeLoss, Rule, State, default_rules, evaluate
 from spectral_monitor.config import MonitorConfig, build_config
 from spectral_monitor.engine import SpectralMonitor
+from spectral_monitor.errors import BaseMismatchError
+from spectral_monitor.probes import Probe
 from spectral_monitor.records import StepReport
 from spectral_monitor.sinks.base import Sink
 
@@ -61,8 +63,10 @@ class MonitorRun:
 
     ``sinks``: where reports go (written on the main process only, ``is_main``);
     ``rules``: alert rules (default :func:`~spectral_monitor.alerts.default_rules`);
-    ``early_stop``: let fired rules request a stop. Other keyword arguments build the
-    :class:`MonitorConfig` when ``config`` is not given.
+    ``early_stop``: let fired rules request a stop; ``probe``: a held-out
+    :class:`~spectral_monitor.probes.Probe` (or its batches) measured against the base at every
+    measurement, into ``report.probes`` (what ``knowledge_loss`` judges). Other keyword arguments
+    build the :class:`MonitorConfig` when ``config`` is not given.
     """
 
     def __init__(
@@ -75,12 +79,14 @@ class MonitorRun:
         early_stop: bool = False,
         reference: nn.Module | None = None,
         is_main: bool = True,
+        probe: Probe | Sequence[Mapping[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         self.monitor = SpectralMonitor(model, build_config(config, kwargs, owner="MonitorRun"), reference=reference)
         self.config = self.monitor.config
         self.sinks = list(sinks)
         self.rules = list(default_rules() if rules is None else rules)
+        self.probe = probe if probe is None or isinstance(probe, Probe) else Probe(probe)
         self.early_stop = early_stop
         self.is_main = is_main
         self.rule_states: dict[str, State] = {}
@@ -98,6 +104,7 @@ class MonitorRun:
         if snapshot and not self.monitor.has_base:
             self.monitor.snapshot()
             self._fresh_base = self.monitor.measurements == 0
+        self._start_probe()
         self._finished = False
         if not self._started:
             self._started = True
@@ -162,6 +169,7 @@ class MonitorRun:
             return Decision()
         for key, value in self.context.items():
             report.put(key, value)
+        self._measure_probe(report)
         report.alerts, self.rule_states = evaluate(self.rules, self.rule_states, report, early_stop=self.early_stop)
         patience = {r.name: r.patience for r in self.rules}
         for alert in report.alerts:
@@ -178,6 +186,47 @@ class MonitorRun:
         if self._started:
             self._each_sink("finish")
             self._started = False
+
+    def _start_probe(self) -> None:
+        """Cache the probe's base distribution (unless restored); say once what it costs, or that
+        ``knowledge_loss`` has nothing to judge without one."""
+        if self.probe is None:
+            if any(isinstance(rule, KnowledgeLoss) for rule in self.rules):
+                self._warn_once(
+                    "no probe",
+                    "spectral_monitor: no held-out probe (probe=...): knowledge_loss alerts need one; the spectra "
+                    "alone do not detect forgetting",
+                )
+            return
+        if self.probe.has_base:
+            return
+        try:
+            base = self.probe.start(self.monitor.model)
+        except Exception as exc:
+            if self.config.strict:
+                raise
+            self._warn_once("probe", f"spectral_monitor: the probe failed and is off: {type(exc).__name__}: {exc}")
+            self.probe = None
+            return
+        log.info(
+            "spectral_monitor: probe of %d tokens: base cache %.1f KiB, %.3f s per pass",
+            base.tokens,
+            self.probe.cache_bytes / 1024,
+            base.seconds,
+        )
+
+    def _measure_probe(self, report: StepReport) -> None:
+        if self.probe is None or not self.probe.has_base:
+            return
+        try:
+            report.probes.update(self.probe.measure(self.monitor.model).as_dict())
+        except Exception as exc:
+            if self.config.strict:
+                raise
+            self._warn_once(
+                f"probe:{type(exc).__name__}",
+                f"spectral_monitor: probe skipped at step {report.step}: {type(exc).__name__}: {exc}",
+            )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -210,9 +259,18 @@ class MonitorRun:
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Engine state (may hold tensors), rule states and context."""
-        return {"monitor": self.monitor.state_dict(), "rules": self.rule_states, "context": dict(self.context)}
+        state = {"monitor": self.monitor.state_dict(), "rules": self.rule_states, "context": dict(self.context)}
+        if self.probe is not None:
+            state["probe"] = self.probe.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (a probe built from other batches is retaken, with a warning)."""
         self.monitor.load_state_dict(state["monitor"])
         self.rule_states = {k: dict(v) for k, v in state.get("rules", {}).items()}
         self.context = dict(state.get("context", {}))
+        if self.probe is not None and state.get("probe") is not None:
+            try:
+                self.probe.load_state_dict(state["probe"])
+            except BaseMismatchError as exc:
+                log.warning("spectral_monitor: the saved probe cannot be used (%s); its base is taken anew", exc)

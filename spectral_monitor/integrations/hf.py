@@ -66,7 +66,11 @@ class SpectralMonitorCallback(transformers.TrainerCallback):
     ``config``: a :class:`MonitorConfig`, or its fields as keyword arguments
     (``SpectralMonitorCallback(every_n_steps=50)``). ``sinks``: extra sinks; ``report_to_sinks=False``
     turns the automatic W&B/TensorBoard/JSONL sinks off. ``rules`` / ``early_stop``: alert rules and
-    whether they may stop training; ``save_on_stop``: save a checkpoint at that step. ``trainer``:
+    whether they may stop training; ``save_on_stop``: save a checkpoint at that step. ``probe``:
+    held-out data measured against the base at every measurement, for ``knowledge_loss`` — strings or
+    ``(prompt, reference)`` pairs (tokenized with the trainer's ``processing_class``), dataset rows
+    (text fields, or examples collated with the trainer's data collator), batches of tensors, or a
+    :class:`~spectral_monitor.probes.Probe`. ``trainer``:
     the trainer (optional, see the module doc). After training, ``run`` holds the
     :class:`MonitorRun` and ``last_decision`` the last measurement.
     """
@@ -81,10 +85,17 @@ class SpectralMonitorCallback(transformers.TrainerCallback):
         report_to_sinks: bool = True,
         save_on_stop: bool = True,
         trainer: Any = None,
+        probe: Any = None,
         **kwargs: Any,
     ) -> None:
         self.session = MonitorSession(
-            config, sinks=sinks, rules=rules, early_stop=early_stop, report_to_sinks=report_to_sinks, **kwargs
+            config,
+            sinks=sinks,
+            rules=rules,
+            early_stop=early_stop,
+            report_to_sinks=report_to_sinks,
+            probe=probe,
+            **kwargs,
         )
         self.config = self.session.config
         self.save_on_stop = save_on_stop
@@ -136,11 +147,12 @@ class SpectralMonitorCallback(transformers.TrainerCallback):
             out.append(Path(passed))
         return out
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         found, passed = (None, None) if self.trainer is not None else _calling_trainer()
         self.trainer = self.trainer or found
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
+        tokenizer = processing_class or getattr(self.trainer, "processing_class", None)
         self.session.begin(
             model,
             args.output_dir,
@@ -148,6 +160,9 @@ class SpectralMonitorCallback(transformers.TrainerCallback):
             is_main=state.is_world_process_zero,
             backend_sinks=self._backend_sinks(),
             reference=self.reference_model(model),
+            tokenizer=getattr(tokenizer, "tokenizer", tokenizer),  # a processor wraps its tokenizer
+            collate=getattr(self.trainer, "data_collator", None),
+            batch_size=args.per_device_eval_batch_size,
         )
         if state.global_step > 0:
             candidates = self._checkpoints(args, state, passed)

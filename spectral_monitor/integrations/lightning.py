@@ -44,7 +44,9 @@ class SpectralMonitorCallback(L.Callback):
 
     ``config`` or its fields as keyword arguments (``SpectralMonitorCallback(every_n_steps=50)``);
     ``sinks``: extra sinks; ``report_to_sinks=False`` turns off the automatic logger/JSONL sinks;
-    ``rules`` / ``early_stop`` as in :class:`~spectral_monitor.run.MonitorRun`.
+    ``rules`` / ``early_stop`` as in :class:`~spectral_monitor.run.MonitorRun`; ``probe``: held-out
+    batches (dicts of tensors the module's ``forward`` takes as keyword arguments, returning logits)
+    or a :class:`~spectral_monitor.probes.Probe`, measured against the base for ``knowledge_loss``.
     ``last_decision`` holds the latest measurement's :class:`~spectral_monitor.run.Decision`.
     """
 
@@ -56,10 +58,17 @@ class SpectralMonitorCallback(L.Callback):
         rules: list | None = None,
         early_stop: bool = False,
         report_to_sinks: bool = True,
+        probe: Any = None,
         **kwargs: Any,
     ) -> None:
         self.session = MonitorSession(
-            config, sinks=sinks, rules=rules, early_stop=early_stop, report_to_sinks=report_to_sinks, **kwargs
+            config,
+            sinks=sinks,
+            rules=rules,
+            early_stop=early_stop,
+            report_to_sinks=report_to_sinks,
+            probe=probe,
+            **kwargs,
         )
         self.config = self.session.config
         self._restored: dict | None = None

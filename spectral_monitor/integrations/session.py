@@ -24,6 +24,7 @@ from torch import nn
 
 from spectral_monitor.alerts import Rule
 from spectral_monitor.config import MonitorConfig, build_config
+from spectral_monitor.probes import make_probe
 from spectral_monitor.run import Decision, MonitorRun
 from spectral_monitor.sinks.base import Sink
 from spectral_monitor.sinks.jsonl import JsonlSink
@@ -41,7 +42,8 @@ class MonitorSession:
 
     ``config``: a :class:`MonitorConfig`, or its fields as keyword arguments. ``sinks``: extra
     sinks; ``report_to_sinks=False`` turns the automatic JSONL and backend sinks off;
-    ``rules``/``early_stop`` as in :class:`MonitorRun`.
+    ``rules``/``early_stop`` as in :class:`MonitorRun`; ``probe``: anything
+    :func:`~spectral_monitor.probes.make_probe` takes (texts, rows, batches, a dataset, a ``Probe``).
     """
 
     def __init__(
@@ -52,8 +54,10 @@ class MonitorSession:
         rules: Sequence[Rule] | None = None,
         early_stop: bool = False,
         report_to_sinks: bool = True,
+        probe: Any = None,
         **kwargs: Any,
     ) -> None:
+        self.probe_spec = probe
         self.config = build_config(config, kwargs, owner="SpectralMonitorCallback")
         self.extra_sinks = list(sinks or [])
         self.rules = rules
@@ -73,9 +77,13 @@ class MonitorSession:
         is_main: bool,
         backend_sinks: Sequence[Sink] = (),
         reference: nn.Module | None = None,
+        tokenizer: Any = None,
+        collate: Any = None,
+        batch_size: int = 16,
     ) -> MonitorRun:
         """Build the run for ``model`` with its folder under ``root`` (a fresh run on the main process
-        moves an older ``metrics.jsonl`` aside). ``backend_sinks``: the framework's W&B/TensorBoard sinks."""
+        moves an older ``metrics.jsonl`` aside). ``backend_sinks``: the framework's W&B/TensorBoard sinks;
+        ``tokenizer``, ``collate``, ``batch_size``: how the framework turns the probe into batches."""
         self.folder = Path(root).resolve() / MONITOR_DIR
         self.base_path = None
         sinks: list[Sink] = []
@@ -84,6 +92,9 @@ class MonitorSession:
             if fresh and is_main and path.exists():
                 path.rename(path.with_name(f"metrics.{time.time_ns()}.jsonl"))
             sinks = [JsonlSink(path), *backend_sinks]
+        probe = None
+        if self.probe_spec is not None:
+            probe = make_probe(self.probe_spec, tokenizer=tokenizer, collate=collate, batch_size=batch_size)
         self.run = MonitorRun(
             model,
             self.config,
@@ -92,6 +103,7 @@ class MonitorSession:
             early_stop=self.early_stop,
             reference=reference,
             is_main=is_main,
+            probe=probe,
         )
         return self.run
 

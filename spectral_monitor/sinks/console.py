@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,8 @@ def summarize(report: StepReport) -> str:
         f"align {_fmt(agg('align_prev'))}",
         f"{report.elapsed_s * 1e3:.0f} ms",
     ]
+    if "kl" in report.probes:
+        parts.append(f"probe KL {report.probes['kl']:.3g}, loss {report.probes.get('loss_rel', math.nan):+.1%}")
     if report.skipped:
         parts.append(f"{len(report.skipped)} skipped")
     if report.alerts:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,50 @@ def run_recipe(name: str, out: Path) -> subprocess.CompletedProcess:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+# ---------------------------------------------------------------- a base that knows a task
+def addition_texts(task: str, n: int, seed: int) -> list[str]:
+    """``"07+12=019"``-style strings: ``add`` (the base's task), ``conflict`` (the same prompts with
+    another answer: learning it forgets addition) or ``continue`` (more addition)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randrange(100), rng.randrange(100)
+        answer = (a * b) % 1000 if task == "conflict" else a + b
+        out.append(f"{a:02d}+{b:02d}={answer:03d}")
+    return out
+
+
+def probe_pairs(n: int = 64, seed: int = 99) -> list[tuple[str, str]]:
+    """Held-out addition as ``(prompt, reference answer)`` pairs: the knowledge probe."""
+    return [(t[:6], t[6:]) for t in addition_texts("add", n, seed)]
+
+
+@pytest.fixture(scope="session")
+def addition_base():
+    """``factory() -> GPT2LMHeadModel`` that knows fixed-width addition a little (300 AdamW steps,
+    held-out answer loss ~1 nat/token), built once per session (~6 s) and copied per call."""
+    pytest.importorskip("transformers")
+    import copy
+
+    import torch
+
+    tok = build_char_tokenizer()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = build_tiny_gpt2(seed=0)
+        ids = torch.tensor([tok(t)["input_ids"] + [1] for t in addition_texts("add", 2000, 0)])
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(300):
+            idx = torch.randint(len(ids), (64,), generator=gen)
+            loss = model(input_ids=ids[idx], labels=ids[idx]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    return lambda: copy.deepcopy(model).train()

@@ -18,7 +18,7 @@ from spectral_monitor.alerts import Rank1Collapse  # noqa: E402
 from spectral_monitor.integrations.hf import SpectralMonitorCallback  # noqa: E402
 from spectral_monitor.layers import select_layers  # noqa: E402
 from spectral_monitor.sinks.jsonl import read_jsonl  # noqa: E402
-from tests.integrations.conftest import build_char_tokenizer, run_recipe  # noqa: E402
+from tests.integrations.conftest import addition_texts, build_char_tokenizer, probe_pairs, run_recipe  # noqa: E402
 
 LAYER = "transformer.h.0.attn.c_attn"
 
@@ -316,3 +316,46 @@ def test_resume_without_the_base_file_names_the_missing_file(tmp_path, tiny_gpt2
     [msg] = [r.getMessage() for r in caplog.records if "resumed at step 4" in r.getMessage()]
     assert base.name in msg and "is missing" in msg and "spectral_monitor.pt" not in msg
     assert "the base is taken NOW" in msg
+
+
+class TextLM(torch.utils.data.Dataset):
+    """Strings as causal-LM examples (the character tokenizer, ``<eos>`` appended)."""
+
+    def __init__(self, texts: list[str]) -> None:
+        tok = build_char_tokenizer()
+        self.ids = torch.tensor([tok(t)["input_ids"] + [1] for t in texts])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+@pytest.mark.slow
+def test_knowledge_loss_stops_a_forgetting_finetune_and_not_a_healthy_one(tmp_path, addition_base):
+    """Probe: held-out addition answers. Learning a conflicting answer rule forgets addition (the
+    probe's KL and loss jump) and stops early; more addition at a small learning rate does not."""
+    tok = build_char_tokenizer()
+    outcomes = {}
+    for task, lr in (("conflict", 1e-3), ("continue", 3e-4)):
+        cb = SpectralMonitorCallback(every_n_steps=5, probe=probe_pairs(), early_stop=True)
+        args = make_args(tmp_path / task, max_steps=40, learning_rate=lr, per_device_train_batch_size=32)
+        trainer = transformers.Trainer(
+            model=addition_base(),
+            args=args,
+            train_dataset=TextLM(addition_texts(task, 512, 1)),
+            processing_class=tok,
+            callbacks=[cb],
+        )
+        trainer.train()
+        outcomes[task] = (trainer.state.global_step, jsonl(tmp_path / task), cb)
+    steps, reports, cb = outcomes["conflict"]
+    assert steps < 40 and cb.last_decision.stop
+    [alert] = [a for a in cb.last_decision.report.alerts if a.rule == "knowledge_loss"]
+    assert "KL to the base" in alert.message and "held-out loss" in alert.message
+    assert reports[-1].probes["kl"] > 0.2 and reports[0].probes["tokens"] == 64 * 3  # the 3 answer digits
+    steps, reports, cb = outcomes["continue"]
+    assert steps == 40 and not any(a.rule == "knowledge_loss" for r in reports for a in r.alerts)
+    assert all(r.probes["kl"] < 0.2 for r in reports)
+    assert any(e.get("spectral/probe/kl") is not None for e in cb.trainer.state.log_history)  # via Trainer.log

@@ -324,3 +324,45 @@ def test_recipe_runs(tmp_path):
     reports = jsonl(tmp_path)
     assert reports and reports[-1].layers
     assert read_tensorboard_scalars(tmp_path)["spectral/model/rho1_mean"]
+
+
+# -------------------------------------------------------------------- 8. knowledge loss
+class CausalLM(L.LightningModule):
+    """A GPT-2 in Lightning: ``forward(**batch)`` returns logits (what the probe calls)."""
+
+    def __init__(self, lm: nn.Module, lr: float) -> None:
+        super().__init__()
+        self.lm, self.lr = lm, lr
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        return self.lm(input_ids=ids, labels=ids).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+@pytest.mark.slow
+def test_knowledge_loss_stops_a_forgetting_finetune_and_not_a_healthy_one(tmp_path, addition_base):
+    from spectral_monitor.probes import text_batches
+    from tests.integrations.conftest import addition_texts, build_char_tokenizer, probe_pairs
+
+    tok = build_char_tokenizer()
+    batches = text_batches(tok, probe_pairs())  # dicts of tensors, as the module's forward takes them
+    outcomes = {}
+    for task, lr in (("conflict", 1e-3), ("continue", 3e-4)):
+        ids = torch.tensor([tok(t)["input_ids"] + [1] for t in addition_texts(task, 512, 1)])
+        data = DataLoader(TensorDataset(ids), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+        cb = SpectralMonitorCallback(every_n_steps=5, probe=batches, early_stop=True)
+        t = trainer(tmp_path / task, callbacks=[cb], max_steps=40)
+        t.fit(CausalLM(addition_base(), lr), data)
+        outcomes[task] = (t.global_step, jsonl(tmp_path / task), t)
+    steps, reports, t = outcomes["conflict"]
+    assert steps < 40 and t.should_stop and any(a.rule == "knowledge_loss" for a in reports[-1].alerts)
+    assert t.callback_metrics["spectral/alert/knowledge_loss"] == 1.0
+    assert float(t.callback_metrics["spectral/probe/kl"]) > 0.2
+    steps, reports, _ = outcomes["continue"]
+    assert steps == 40 and not any(a.rule == "knowledge_loss" for r in reports for a in r.alerts)

@@ -21,7 +21,7 @@ from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTr
 from spectral_monitor.integrations.trl import SpectralMonitorCallback  # noqa: E402
 from spectral_monitor.layers import select_layers  # noqa: E402
 from spectral_monitor.sinks.jsonl import read_jsonl  # noqa: E402
-from tests.integrations.conftest import run_recipe  # noqa: E402
+from tests.integrations.conftest import addition_texts, probe_pairs, run_recipe  # noqa: E402
 
 # TRL 1.16 itself still calls transformers' deprecated ``is_gradient_checkpointing``
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -262,3 +262,36 @@ def test_recipe_trl_grpo_quick(tmp_path):
     proc = run_recipe("trl_grpo", tmp_path)
     assert "held-out exact match" in proc.stdout and "reward (step: mean)" in proc.stdout
     assert [r.step for r in jsonl(tmp_path)] == [1, 2, 4]
+
+
+@pytest.mark.slow
+def test_knowledge_loss_through_sft(tmp_path, addition_base, char_tokenizer):
+    """The probe given as TRL-style rows (prompt + completion): SFT on a conflicting rule stops with
+    knowledge_loss; SFT on more of the base's own task runs to the end without it."""
+    rows = [{"prompt": p, "completion": c} for p, c in probe_pairs()]
+    outcomes = {}
+    for task, lr in (("conflict", 1e-3), ("continue", 3e-4)):
+        texts = addition_texts(task, 512, 1)
+        data = datasets.Dataset.from_list([{"prompt": t[:6], "completion": t[6:]} for t in texts])
+        cb = SpectralMonitorCallback(every_n_steps=5, probe=rows, early_stop=True)
+        trainer = SFTTrainer(
+            model=addition_base(),
+            args=SFTConfig(
+                **COMMON,
+                output_dir=str(tmp_path / task),
+                max_steps=40,
+                per_device_train_batch_size=32,
+                learning_rate=lr,
+                logging_steps=5,
+            ),
+            train_dataset=data,
+            processing_class=char_tokenizer,
+            callbacks=[cb],
+        )
+        trainer.train()
+        outcomes[task] = (trainer.state.global_step, jsonl(tmp_path / task))
+    steps, reports = outcomes["conflict"]
+    assert steps < 40 and any(a.rule == "knowledge_loss" and a.stop for a in reports[-1].alerts)
+    steps, reports = outcomes["continue"]
+    assert steps == 40 and not any(a.rule == "knowledge_loss" for r in reports for a in r.alerts)
+    assert reports[-1].probes["tokens"] == 64 * 3
