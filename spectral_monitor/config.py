@@ -29,9 +29,12 @@ class MonitorConfig:
         string is one regex). Weights with ``requires_grad=False`` are left out unless
         ``include_frozen`` (a frozen layer's update is zero).
     Schedule
-        Measure every ``every_n_steps`` optimizer steps, plus the first step seen (``measure_first``)
-        and the last (the adapter passes ``final=True``). ``schedule(step) -> bool`` replaces all
-        but the last.
+        By default the monitor keeps its wall time within ``overhead`` (a fraction, 0.01 = 1 %) of
+        the training time: it sets the gap to the next measurement from the last one's cost and the
+        time of a training step, at most ``max_every`` steps (beyond that it measures round-robin
+        groups of layers). ``every_n_steps`` fixes the cadence instead; ``schedule(step) -> bool``
+        replaces it. The first step seen (``measure_first``) and the last (the adapter passes
+        ``final=True``) are always measured.
     Decomposition
         ``rank`` k of the randomized SVD of ΔW, oversampled by ``oversample`` columns (twice that
         for a cold start, where a wider sketch buys the accuracy near the cut); ``niter`` power
@@ -60,7 +63,9 @@ class MonitorConfig:
     layers: str | Sequence[str] = "all-linear"
     exclude: str | Sequence[str] = ()
     include_frozen: bool = False
-    every_n_steps: int = 25
+    every_n_steps: int | None = None
+    overhead: float = 0.01
+    max_every: int = 200
     measure_first: bool = True
     schedule: Callable[[int], bool] | None = field(default=None, compare=False)
 
@@ -89,7 +94,13 @@ class MonitorConfig:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        _positive = ("every_n_steps", "rank", "max_rank", "align_k", "base_k", "alpha_min_tail", "memory_budget_mb")
+        if self.every_n_steps is not None and (
+            not isinstance(self.every_n_steps, int) or isinstance(self.every_n_steps, bool) or self.every_n_steps < 1
+        ):
+            raise ConfigError(f"MonitorConfig.every_n_steps must be None or a positive int, got {self.every_n_steps!r}")
+        if isinstance(self.overhead, bool) or not isinstance(self.overhead, (int, float)) or not 0 < self.overhead <= 1:
+            raise ConfigError(f"MonitorConfig.overhead must be a fraction in (0, 1], got {self.overhead!r}")
+        _positive = ("max_every", "rank", "max_rank", "align_k", "base_k", "alpha_min_tail", "memory_budget_mb")
         for name in _positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -130,11 +141,12 @@ class MonitorConfig:
             _check_device(self.device)
 
     def is_scheduled(self, step: int) -> bool:
-        """True when optimizer step ``step`` is on the periodic schedule (``schedule(step)``, else a
-        multiple of ``every_n_steps``). The run adds the first step it sees (``measure_first``)."""
+        """True when optimizer step ``step`` is on the fixed schedule (``schedule(step)``, else a
+        multiple of ``every_n_steps``; never without either: the budget decides then, see
+        :mod:`spectral_monitor.schedule`). The run adds the first step it sees and the last."""
         if self.schedule is not None:
             return bool(self.schedule(step))
-        return step % self.every_n_steps == 0
+        return self.every_n_steps is not None and step % self.every_n_steps == 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-friendly data (the schedule callable is shown by name)."""

@@ -32,7 +32,7 @@ STATS = ("mean", "median", "min", "max")
 #: the compact model-level view (trainer logs, dashboards' overview): every aggregated metric's
 #: mean, these other statistics, these bookkeeping values, the alert flags and the probes
 OVERVIEW_STATS = (("rho1", "max"), ("alpha", "min"), ("alpha", "max"), ("update_rel", "max"), ("intruders", "max"))
-OVERVIEW_MODEL = ("update_norm_total", "alpha_reliable_frac", "measure_s")
+OVERVIEW_MODEL = ("update_norm_total", "alpha_reliable_frac", "measure_s", "overhead", "coverage")
 _AGGREGATE = re.compile(r"^(?P<metric>.+)_(?P<stat>mean|median|min|max)$")
 _BY_TYPE = re.compile(r"^(?P<metric>.+)_mean/(?P<type>[^/]+)$")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from spectral_monitor.engine import SpectralMonitor
 from spectral_monitor.errors import BaseMismatchError
 from spectral_monitor.probes import Probe
 from spectral_monitor.records import StepReport
+from spectral_monitor.schedule import Schedule
 from spectral_monitor.sinks.base import Sink
 
 __all__ = ["Decision", "MonitorRun"]
@@ -89,6 +91,7 @@ class MonitorRun:
         self.probe = probe if probe is None or isinstance(probe, Probe) else Probe(probe)
         self.early_stop = early_stop
         self.is_main = is_main
+        self.schedule = Schedule(self.config, len(self.monitor.specs))
         self.rule_states: dict[str, State] = {}
         self.context: dict[str, float] = {}
         self._started = False
@@ -105,6 +108,7 @@ class MonitorRun:
             self.monitor.snapshot()
             self._fresh_base = self.monitor.measurements == 0
         self._start_probe()
+        self.schedule.begin(time.perf_counter())
         self._finished = False
         if not self._started:
             self._started = True
@@ -124,8 +128,7 @@ class MonitorRun:
         and the schedule, so every rank of a distributed run gets the same one."""
         if self._finished or (self.monitor.last_step is not None and step <= self.monitor.last_step):
             return False
-        first = self.monitor.measurements == 0 and self.config.measure_first and self.config.schedule is None
-        return final or first or self.config.is_scheduled(step)
+        return self.schedule.due(step, first=self.monitor.measurements == 0, final=final)
 
     def record_context(self, values: Mapping[str, Any]) -> None:
         """Remember the trainer's latest scalars (reward, kl, loss, ...) to log beside the spectra.
@@ -139,6 +142,8 @@ class MonitorRun:
 
     def on_optimizer_step(self, step: int, *, final: bool = False) -> Decision:
         """Call after every optimizer step with the step's number (counted from 1, or from 0)."""
+        t0 = time.perf_counter()
+        self.schedule.tick(t0)
         if self._finished:
             self._warn_once("finished", "spectral_monitor: on_optimizer_step() after finish(): not measured")
             return Decision()
@@ -158,8 +163,11 @@ class MonitorRun:
                     step,
                 )
             self.start()
+        everything = final or self.monitor.measurements == 0
+        group = self.schedule.group(everything=everything)
+        names = None if group is None else [s.name for s in self.monitor.specs[group :: self.schedule.groups]]
         try:
-            report = self.monitor.measure(step)
+            report = self.monitor.measure(step, names)
         except Exception as exc:
             if self.config.strict:
                 raise
@@ -176,6 +184,12 @@ class MonitorRun:
             # warn when a rule starts firing; while it keeps firing, the metric and sinks carry it
             newly = self.rule_states[alert.rule]["count"] == patience[alert.rule]
             log.log(logging.WARNING if newly else logging.DEBUG, alert.line())
+        measured = len(report.layers) + len(report.skipped)
+        now = time.perf_counter()
+        self.schedule.spent(now - t0, now)
+        self.schedule.measured(step, now - t0, layers=measured)
+        report.model["overhead"] = self.schedule.overhead
+        report.model["coverage"] = measured / max(1, len(self.monitor.specs))
         self._each_sink("write", report)
         stop = any(a.stop for a in report.alerts)
         return Decision(report, stop, tuple(f"{a.rule}: {a.message}" for a in report.alerts if a.stop))
@@ -259,7 +273,12 @@ class MonitorRun:
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Engine state (may hold tensors), rule states and context."""
-        state = {"monitor": self.monitor.state_dict(), "rules": self.rule_states, "context": dict(self.context)}
+        state = {
+            "monitor": self.monitor.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rules": self.rule_states,
+            "context": dict(self.context),
+        }
         if self.probe is not None:
             state["probe"] = self.probe.state_dict()
         return state
@@ -267,6 +286,8 @@ class MonitorRun:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (a probe built from other batches is retaken, with a warning)."""
         self.monitor.load_state_dict(state["monitor"])
+        if state.get("schedule") is not None:
+            self.schedule.load_state_dict(state["schedule"])
         self.rule_states = {k: dict(v) for k, v in state.get("rules", {}).items()}
         self.context = dict(state.get("context", {}))
         if self.probe is not None and state.get("probe") is not None:

@@ -15,7 +15,10 @@ from spectral_monitor.errors import ConfigError
 @pytest.mark.parametrize(
     ("kwargs", "shown"),
     [
-        ({"every_n_steps": 0}, "every_n_steps must be a positive int, got 0"),
+        ({"every_n_steps": 0}, "every_n_steps must be None or a positive int, got 0"),
+        ({"overhead": 0.0}, "overhead must be a fraction in (0, 1], got 0.0"),
+        ({"overhead": 2}, "got 2"),
+        ({"max_every": 0}, "max_every must be a positive int, got 0"),
         ({"rank": -3}, "rank must be a positive int, got -3"),
         ({"rank": True}, "rank must be a positive int, got True"),
         ({"rank": 4.0}, "rank must be a positive int, got 4.0"),
@@ -47,7 +50,7 @@ def test_validation_errors_show_the_bad_value(kwargs, shown):
 def test_defaults_are_valid_and_documented():
     cfg = MonitorConfig()
     assert cfg.layers == "all-linear"
-    assert cfg.every_n_steps == 25 and cfg.measure_first
+    assert cfg.every_n_steps is None and cfg.overhead == 0.01 and cfg.measure_first  # the budget sets the cadence
     assert cfg.base_store in BASE_STORES and cfg.base_store == "auto"
     assert cfg.rank <= cfg.max_rank
 

@@ -127,7 +127,7 @@ def test_sinks_are_not_called_off_the_main_process():
 def test_a_failing_measurement_is_skipped_unless_strict(monkeypatch, caplog):
     run = MonitorRun(net(), every_n_steps=1, rank=4)
 
-    def boom(step):
+    def boom(step, layers=None):
         raise ValueError("bad layer")
 
     monkeypatch.setattr(run.monitor, "measure", boom)

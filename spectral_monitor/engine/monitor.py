@@ -166,15 +166,16 @@ class SpectralMonitor:
         return self._layers.get(name)
 
     # --------------------------------------------------------------- measure
-    def measure(self, step: int) -> StepReport:
-        """Measure every monitored layer now and return a :class:`StepReport` for ``step``."""
+    def measure(self, step: int, layers: Sequence[str] | None = None) -> StepReport:
+        """Measure the monitored layers (or only those named in ``layers``) now; a report for ``step``."""
         if not self._has_base:
             raise RuntimeError("SpectralMonitor.measure() before snapshot(): call monitor.snapshot() at train start")
         t0 = time.perf_counter()
         report = StepReport(step=step)
         cfg = self.config
         full = cfg.full_every > 0 and (self.measurements + 1) % cfg.full_every == 0
-        specs = self._attached(report)
+        chosen = self.specs if layers is None else [s for s in self.specs if s.name in set(layers)]
+        specs = self._attached(chosen, report)
         batches = self.planner.batches(specs, lambda s: self._state(s).rank, full)
         prefetch = self._prefetcher()
         results: dict[str, LayerResult] = {}
@@ -209,11 +210,11 @@ class SpectralMonitor:
         report.model["measure_s"] = report.elapsed_s
         return report
 
-    def _attached(self, report: StepReport) -> list[LayerSpec]:
+    def _attached(self, specs: Sequence[LayerSpec], report: StepReport) -> list[LayerSpec]:
         """The layers still in the model; one that was replaced since the monitor was built (its
         module is no longer at its name) is skipped: its base and history belong to the old module."""
         out = []
-        for spec in self.specs:
+        for spec in specs:
             try:
                 attached = self.model.get_submodule(spec.name) is spec.module
             except AttributeError:

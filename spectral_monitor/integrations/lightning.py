@@ -131,18 +131,18 @@ class SpectralMonitorCallback(L.Callback):
         self._restored = None  # state loaded by validate/test(ckpt_path=...) must not leak into a later fit
 
     def _step(self, trainer: Any, step: int, final: bool) -> None:
-        # should_measure depends only on the schedule and the step, so every rank takes the same branch
-        if not self.run.should_measure(step, final=final):
+        due = self.run.should_measure(step, final=final)
+        if due:  # the trainer's own scalars (loss, ...) logged beside the spectra
+            self.run.record_context(
+                {
+                    k: v.item()
+                    for k, v in trainer.callback_metrics.items()
+                    if not k.startswith(f"{PREFIX}/") and isinstance(v, torch.Tensor) and v.numel() == 1
+                }
+            )
+        decision = self.session.step(step, final=final)  # every step: the schedule times training
+        if not due:
             return
-        context = trainer.callback_metrics  # the trainer's own scalars (loss, ...) logged beside the spectra
-        self.run.record_context(
-            {
-                k: v.item()
-                for k, v in context.items()
-                if not k.startswith(f"{PREFIX}/") and isinstance(v, torch.Tensor) and v.numel() == 1
-            }
-        )
-        decision = self.session.step(step, final=final)
         stop = trainer.strategy.reduce_boolean_decision(decision.stop, all=False)
         if decision.measured:
             overview = decision.overview()
