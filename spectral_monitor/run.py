@@ -188,6 +188,14 @@ class MonitorRun:
         now = time.perf_counter()
         self.schedule.spent(now - t0, now)
         self.schedule.measured(step, now - t0, layers=measured)
+        if self.schedule.expected > 1.5 * self.config.overhead:
+            self._warn_once(
+                "budget",
+                f"spectral_monitor: a measurement costs {self.schedule.expected:.1%} of training time even "
+                f"measuring {1 / self.schedule.groups:.0%} of the layers every {self.schedule.gap} steps "
+                f"(budget {self.config.overhead:.1%}): raise max_every, or measure less "
+                "(rank, intruders=False, layers=)",
+            )
         report.model["overhead"] = self.schedule.overhead
         report.model["coverage"] = measured / max(1, len(self.monitor.specs))
         self._each_sink("write", report)

@@ -55,6 +55,7 @@ class Schedule:
         self.groups = 1
         self.next_step: int | None = None  # budget mode: the next step to measure
         self.measurements = 0
+        self.expected = 0.0  # the share of training time the current cadence costs (steady state)
         self.timing = _Timing()
 
     @property
@@ -117,6 +118,7 @@ class Schedule:
         self.groups = min(MAX_GROUPS, self.n_layers, max(1, _ceil(need / self.config.max_every)))
         self.gap = max(1, min(self.config.max_every, _ceil(need / self.groups)))
         self.next_step = step + self.gap
+        self.expected = self.config.overhead * need / (self.groups * self.gap)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
