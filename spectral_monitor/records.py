@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["STATS", "Alert", "StepReport", "layer_sort_key"]
+__all__ = ["LAYER_SCALARS", "OVERVIEW_MODEL", "OVERVIEW_STATS", "STATS", "Alert", "StepReport", "layer_sort_key"]
 
 PREFIX = "spectral"
 #: statistics of a per-layer metric over the layers
@@ -33,6 +33,20 @@ STATS = ("mean", "median", "min", "max")
 #: mean, these other statistics, these bookkeeping values, the alert flags and the probes
 OVERVIEW_STATS = (("rho1", "max"), ("alpha", "min"), ("alpha", "max"), ("update_rel", "max"), ("intruders", "max"))
 OVERVIEW_MODEL = ("update_norm_total", "alpha_reliable_frac", "measure_s", "overhead", "coverage")
+#: per-layer metrics a dashboard plots over steps when asked (``log_layers=True``); the others
+#: (rank, alpha_ks, nonfinite, ...) are bookkeeping that stays in the JSONL log
+LAYER_SCALARS = (
+    "rho1",
+    "erank",
+    "stable_rank",
+    "alpha",
+    "update_rel",
+    "align_prev",
+    "align_base",
+    "intruders",
+    "sparsity",
+    "gap",
+)
 _AGGREGATE = re.compile(r"^(?P<metric>.+)_(?P<stat>mean|median|min|max)$")
 _BY_TYPE = re.compile(r"^(?P<metric>.+)_mean/(?P<type>[^/]+)$")
 
@@ -143,7 +157,11 @@ class StepReport:
     def overview(self) -> dict[str, float]:
         """The compact model-level keys: each aggregate's mean, :data:`OVERVIEW_STATS`,
         :data:`OVERVIEW_MODEL`, alert flags and probe results."""
-        out = {f"{PREFIX}/model/{metric}_mean": stats["mean"] for metric, stats in self.aggregates.items()}
+        out = {
+            f"{PREFIX}/model/{metric}_mean": stats["mean"]
+            for metric, stats in self.aggregates.items()
+            if "mean" in stats
+        }
         for metric, stat in OVERVIEW_STATS:
             value = self.aggregate(metric, stat)
             if value is not None:
@@ -152,6 +170,15 @@ class StepReport:
         out.update({f"{PREFIX}/alert/{alert.rule}": 1.0 for alert in self.alerts})
         out.update({f"{PREFIX}/probe/{name}": value for name, value in self.probes.items()})
         return out
+
+    def layer_scalars(self) -> dict[str, float]:
+        """Flat keys of the per-layer metrics in :data:`LAYER_SCALARS` (for dashboards)."""
+        return {
+            f"{PREFIX}/{metric}/{layer}": values[metric]
+            for layer, values in self.layers.items()
+            for metric in LAYER_SCALARS
+            if metric in values
+        }
 
     @property
     def metrics(self) -> dict[str, float]:

@@ -177,7 +177,7 @@ def _tagged(logdir: str | Path, kind: str, plugin: str | None = None) -> dict[st
     ``kind`` is an accumulator tag kind (``scalars``, ``histograms``, ``tensors``); ``plugin``
     keeps only tags whose summary metadata names that plugin.
     """
-    read = {"scalars": "Scalars", "histograms": "Histograms", "tensors": "Tensors"}[kind]
+    read = {"scalars": "Scalars", "histograms": "Histograms", "tensors": "Tensors", "images": "Images"}[kind]
     out: dict[str, list[tuple[int, Any]]] = {}
     for acc in _accumulators(logdir):
         for tag in acc.Tags()[kind]:
@@ -194,6 +194,11 @@ def read_tensorboard_scalars(logdir: str | Path) -> dict[str, list[tuple[int, fl
 def read_tensorboard_histograms(logdir: str | Path) -> dict[str, list[tuple[int, Any]]]:
     """``{tag: [(step, HistogramValue), ...]}``; a value has min, max, num, sum, bucket(_limit)."""
     return {tag: [(s, e.histogram_value) for s, e in ev] for tag, ev in _tagged(logdir, "histograms").items()}
+
+
+def read_tensorboard_images(logdir: str | Path) -> dict[str, list[tuple[int, Any]]]:
+    """``{tag: [(step, ImageEvent), ...]}``; an event has ``encoded_image_string`` (PNG), width, height."""
+    return {tag: [(s, e) for s, e in ev] for tag, ev in _tagged(logdir, "images").items()}
 
 
 def read_tensorboard_texts(logdir: str | Path) -> dict[str, list[tuple[int, str]]]:

@@ -7,7 +7,8 @@
   extremes, alert flags, probes) goes through the base ``transformers.Trainer.log`` (a TRL
   override would steal its buffered reward metrics; ``control.should_log`` is restored so the
   step's loss line is kept): every ``report_to`` backend shows it as ``train/spectral/...``.
-  Per-layer series go to the trainer's W&B run / TensorBoard writer through the sinks; every key,
+  The per-layer table and layer × step heatmaps (and per-layer scalars with ``log_layers=True``) go to
+  the trainer's W&B run / TensorBoard writer through the sinks; every key,
   plus ``spectral/context/*`` (the trainer's latest loss, reward, ...), to
   ``output_dir/spectral_monitor/metrics.jsonl``.
 * Alerts with ``early_stop=True`` set ``control.should_training_stop`` (and ``should_save`` unless
@@ -70,7 +71,8 @@ class SpectralMonitorCallback(transformers.TrainerCallback):
     held-out data measured against the base at every measurement, for ``knowledge_loss`` — strings or
     ``(prompt, reference)`` pairs (tokenized with the trainer's ``processing_class``), dataset rows
     (text fields, or examples collated with the trainer's data collator), batches of tensors, or a
-    :class:`~spectral_monitor.probes.Probe`. ``trainer``:
+    :class:`~spectral_monitor.probes.Probe`. ``log_layers``: also send per-layer scalars (hundreds
+    of keys) to W&B/TensorBoard; the per-layer table and heatmaps go there anyway. ``trainer``:
     the trainer (optional, see the module doc). After training, ``run`` holds the
     :class:`MonitorRun` and ``last_decision`` the last measurement.
     """
@@ -86,6 +88,7 @@ class SpectralMonitorCallback(transformers.TrainerCallback):
         save_on_stop: bool = True,
         trainer: Any = None,
         probe: Any = None,
+        log_layers: bool = False,
         **kwargs: Any,
     ) -> None:
         self.session = MonitorSession(
@@ -95,6 +98,7 @@ class SpectralMonitorCallback(transformers.TrainerCallback):
             early_stop=early_stop,
             report_to_sinks=report_to_sinks,
             probe=probe,
+            log_layers=log_layers,
             **kwargs,
         )
         self.config = self.session.config
@@ -130,11 +134,15 @@ class SpectralMonitorCallback(transformers.TrainerCallback):
             if name == "WandbCallback" and wandb is not None and wandb.run is not None:
                 from spectral_monitor.sinks.wandb import WandbSink
 
-                sinks.append(WandbSink(wandb.run, step_key="train/global_step", log_model=False))
+                layers = self.session.log_layers
+                sinks.append(WandbSink(wandb.run, step_key="train/global_step", log_model=False, log_layers=layers))
             elif name == "TensorBoardCallback" and getattr(cb, "tb_writer", None) is not None:
                 from spectral_monitor.sinks.tensorboard import TensorBoardSink
 
-                sinks.append(TensorBoardSink(writer=cb.tb_writer, log_model=False))
+                layers = self.session.log_layers
+                sinks.append(
+                    TensorBoardSink(writer=cb.tb_writer, log_model=False, model_prefix="train/", log_layers=layers)
+                )
         return sinks
 
     def _checkpoints(self, args: Any, state: Any, passed: str | None) -> list[Path]:

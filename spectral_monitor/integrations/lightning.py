@@ -12,8 +12,9 @@
   ``log_every_n_steps``; step = optimizer steps taken, the weights Lightning's own ``self.log``
   values at that x-axis step were computed with); every model-level key goes into
   ``trainer.callback_metrics`` (a dict Lightning clears only before training starts), so
-  ``EarlyStopping``/``ModelCheckpoint`` can monitor them. Per-layer series go to the sinks: the
-  TensorBoard writer / W&B run of the trainer's loggers and ``default_root_dir/spectral_monitor/metrics.jsonl``.
+  ``EarlyStopping``/``ModelCheckpoint`` can monitor them. The per-layer table and heatmaps (per-layer
+  scalars with ``log_layers=True``) go to the TensorBoard writer / W&B run of the trainer's loggers,
+  everything to ``default_root_dir/spectral_monitor/metrics.jsonl``.
 * **Stop**: alerts with ``early_stop=True`` set ``trainer.should_stop`` (reduced across ranks), reason logged.
 * **Resume**: ``on_save_checkpoint`` writes the base once (rank 0) to a file of its own and stores
   the run state with its path in the checkpoint, so a resumed run compares against the original base.
@@ -46,7 +47,8 @@ class SpectralMonitorCallback(L.Callback):
     ``sinks``: extra sinks; ``report_to_sinks=False`` turns off the automatic logger/JSONL sinks;
     ``rules`` / ``early_stop`` as in :class:`~spectral_monitor.run.MonitorRun`; ``probe``: held-out
     batches (dicts of tensors the module's ``forward`` takes as keyword arguments, returning logits)
-    or a :class:`~spectral_monitor.probes.Probe`, measured against the base for ``knowledge_loss``.
+    or a :class:`~spectral_monitor.probes.Probe`, measured against the base for ``knowledge_loss``;
+    ``log_layers``: also send per-layer scalars to the loggers (the table and heatmaps go anyway).
     ``last_decision`` holds the latest measurement's :class:`~spectral_monitor.run.Decision`.
     """
 
@@ -59,6 +61,7 @@ class SpectralMonitorCallback(L.Callback):
         early_stop: bool = False,
         report_to_sinks: bool = True,
         probe: Any = None,
+        log_layers: bool = False,
         **kwargs: Any,
     ) -> None:
         self.session = MonitorSession(
@@ -68,6 +71,7 @@ class SpectralMonitorCallback(L.Callback):
             early_stop=early_stop,
             report_to_sinks=report_to_sinks,
             probe=probe,
+            log_layers=log_layers,
             **kwargs,
         )
         self.config = self.session.config
@@ -90,11 +94,13 @@ class SpectralMonitorCallback(L.Callback):
             if isinstance(logger, TensorBoardLogger):
                 from spectral_monitor.sinks.tensorboard import TensorBoardSink
 
-                sinks.append(TensorBoardSink(writer=logger.experiment, log_model=False))
+                layers = self.session.log_layers
+                sinks.append(TensorBoardSink(writer=logger.experiment, log_model=False, log_layers=layers))
             elif isinstance(logger, WandbLogger):
                 from spectral_monitor.sinks.wandb import WandbSink
 
-                sinks.append(WandbSink(logger.experiment, step_key="trainer/global_step", log_model=False))
+                step_key, layers = "trainer/global_step", self.session.log_layers
+                sinks.append(WandbSink(logger.experiment, step_key=step_key, log_model=False, log_layers=layers))
         return sinks
 
     # ---------------------------------------------------------------- events

@@ -43,7 +43,8 @@ class MonitorSession:
     ``config``: a :class:`MonitorConfig`, or its fields as keyword arguments. ``sinks``: extra
     sinks; ``report_to_sinks=False`` turns the automatic JSONL and backend sinks off;
     ``rules``/``early_stop`` as in :class:`MonitorRun`; ``probe``: anything
-    :func:`~spectral_monitor.probes.make_probe` takes (texts, rows, batches, a dataset, a ``Probe``).
+    :func:`~spectral_monitor.probes.make_probe` takes (texts, rows, batches, a dataset, a ``Probe``);
+    ``log_layers``: also send per-layer scalars to W&B/TensorBoard (tables and heatmaps always go).
     """
 
     def __init__(
@@ -55,9 +56,11 @@ class MonitorSession:
         early_stop: bool = False,
         report_to_sinks: bool = True,
         probe: Any = None,
+        log_layers: bool = False,
         **kwargs: Any,
     ) -> None:
         self.probe_spec = probe
+        self.log_layers = log_layers
         self.config = build_config(config, kwargs, owner="SpectralMonitorCallback")
         self.extra_sinks = list(sinks or [])
         self.rules = rules

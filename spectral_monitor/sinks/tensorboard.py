@@ -1,43 +1,45 @@
-"""TensorBoard sink: scalars, singular-value histograms, alert text and a custom-scalars layout.
+"""TensorBoard sink: the overview scalars, heatmap images, alert text and a custom-scalars layout.
 
 What :meth:`TensorBoardSink.write` writes at ``global_step=report.step``:
 
 =========================================  =================================================
 tag                                        written with
 =========================================  =================================================
-every ``report.metrics`` key               ``add_scalar`` (float)
+the overview keys                          ``add_scalar`` (:meth:`StepReport.overview`;
+                                           ``log_model=True``)
+``spectral/<metric>/<layer>``              ``add_scalar``, only with ``log_layers=True``
+                                           (the metrics in ``LAYER_SCALARS``)
+``spectral/heatmap/<metric>``              ``add_image``: layer × step heatmap so far
+                                           (matplotlib; every ``heatmap_every`` reports)
 ``spectral/singular_values/<layer>``       ``add_histogram`` of the layer's top-k σ of ΔW
-                                           (finite values; ``histograms=True``)
+                                           (``histograms=True``)
 ``spectral/alerts``                        ``add_text``: one Markdown line per alert of the step
-``custom_scalars__config__``               ``add_custom_scalars``: category ``spectral`` with one
-                                           multiline chart per per-layer metric (regex
-                                           ``spectral/<metric>/.*``, every layer in one chart),
-                                           category ``spectral model`` with one chart per
-                                           aggregated metric (``spectral/model/<metric>_<agg>``)
+``custom_scalars__config__``               ``add_custom_scalars``: category ``spectral overview``
+                                           with one multiline chart per overview metric (all
+                                           its statistics; tags under ``model_prefix`` too, e.g.
+                                           ``train/`` for the keys the HF Trainer logs), category
+                                           ``spectral layers`` with one chart per per-layer
+                                           metric (every layer in one chart) when ``log_layers``
 =========================================  =================================================
 
-The layout needs the metric names, so it is written with the first report and rewritten
-when a report brings a new metric; TensorBoard's Custom Scalars dashboard reads the newest
-layout of each run (one layout per run: a writer shared with other code that also writes a
-layout keeps whichever came last).
+TensorBoard's Custom Scalars dashboard reads the newest layout of each run (one layout per run:
+a writer shared with other code that also writes a layout keeps whichever came last); the sink
+rewrites it when a report brings a new chart.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from spectral_monitor._imports import require
-from spectral_monitor.records import PREFIX, Alert, StepReport
+from spectral_monitor._imports import is_available, require
+from spectral_monitor.records import LAYER_SCALARS, PREFIX, Alert, StepReport
+from spectral_monitor.sinks.heatmap import heatmap_rgb
 
 __all__ = ["TensorBoardSink"]
-
-# model keys: spectral/model/<metric>_<agg>[/<layer type>]
-_MODEL = f"{PREFIX}/model/"
-_AGG_SUFFIX = r"(_(mean|median|min|max))?(/.*)?$"
 
 
 class TensorBoardSink:
@@ -52,9 +54,13 @@ class TensorBoardSink:
             ``TensorBoardLogger.experiment``. The sink never closes a writer it was given.
         histograms: write the singular-value histograms.
         flush: flush after every report, so a crash loses nothing already written.
-        log_layers: write the per-layer scalars ``spectral/<metric>/<layer>``.
-        log_model: write the model-level scalars (off when they reach the same writer through
-            the trainer's own logging, as in the Hugging Face and Lightning adapters).
+        log_layers: also write per-layer scalars (one tag per layer and metric).
+        log_model: write the overview scalars (off when they reach the same writer through the
+            trainer's own logging, as in the Hugging Face and Lightning adapters).
+        model_prefix: the prefix the overview tags carry when the trainer writes them (``"train/"``
+            for the HF Trainer), so the layout's charts find them.
+        heatmap_every: write the heatmap images every this many reports (0: never).
+        heatmap_metrics: per-layer metrics drawn as layer × step heatmaps.
     """
 
     def __init__(
@@ -62,10 +68,13 @@ class TensorBoardSink:
         log_dir: str | None = None,
         *,
         writer: Any = None,
-        histograms: bool = True,
+        histograms: bool = False,
         flush: bool = True,
-        log_layers: bool = True,
+        log_layers: bool = False,
         log_model: bool = True,
+        model_prefix: str = "",
+        heatmap_every: int = 1,
+        heatmap_metrics: Sequence[str] = ("rho1", "alpha", "erank"),
     ) -> None:
         if writer is None:
             require("tensorboard", "TensorBoardSink")
@@ -73,10 +82,14 @@ class TensorBoardSink:
         self.histograms = histograms
         self.log_layers = log_layers
         self.log_model = log_model
+        self.model_prefix = model_prefix
+        self.heatmap_every = heatmap_every
         self._flush_each_write = flush
         self._writer = writer
         self._owns_writer = False
-        self._layout: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+        self._layout: dict = {}
+        self._reports = 0
+        self._history: dict[str, list[tuple[int, dict[str, float]]]] = {m: [] for m in heatmap_metrics}
 
     @property
     def writer(self) -> Any:
@@ -92,10 +105,16 @@ class TensorBoardSink:
             self._owns_writer = True
 
     def write(self, report: StepReport) -> None:
-        """Write one report's scalars, histograms and alerts at ``report.step``."""
+        """Write one report's scalars, heatmaps, histograms and alerts at ``report.step``."""
+        self._reports += 1
         self._update_layout(report)
-        for key, value in report.flat(layers=self.log_layers, model=self.log_model).items():
+        scalars = {
+            **(report.overview() if self.log_model else {}),
+            **(report.layer_scalars() if self.log_layers else {}),
+        }
+        for key, value in scalars.items():
             self._writer.add_scalar(key, float(value), report.step)
+        self._write_heatmaps(report)
         if self.histograms and hasattr(self._writer, "add_histogram"):
             for layer, spectrum in report.spectra.items():
                 finite = spectrum[torch.isfinite(spectrum)]
@@ -105,6 +124,19 @@ class TensorBoardSink:
             self._writer.add_text(f"{PREFIX}/alerts", _alerts_markdown(report.alerts), report.step)
         if self._flush_each_write:
             self._flush()
+
+    def _write_heatmaps(self, report: StepReport) -> None:
+        for metric, rows in self._history.items():
+            values = report.layer_values(metric)
+            if values:
+                rows.append((report.step, values))
+        due = self.heatmap_every and (self._reports - 1) % self.heatmap_every == 0
+        if not due or not hasattr(self._writer, "add_image") or not is_available("matplotlib"):
+            return
+        for metric, rows in self._history.items():
+            if rows:
+                image = heatmap_rgb(metric, rows)
+                self._writer.add_image(f"{PREFIX}/heatmap/{metric}", image, report.step, dataformats="HWC")
 
     def finish(self) -> None:
         """Flush; close the writer only if the sink created it. Safe to call twice."""
@@ -121,23 +153,31 @@ class TensorBoardSink:
 
     def _update_layout(self, report: StepReport) -> None:
         """(Re)write the custom-scalars layout when the report has a chart not in it yet."""
-        layer_metrics = set(self._layout[0]) | (
-            {m for v in report.layers.values() for m in v} if self.log_layers else set()
+        layout = _custom_scalars_layout(
+            sorted(report.aggregates) if self.log_model or self.model_prefix else [],
+            [m for m in LAYER_SCALARS if report.layer_values(m)] if self.log_layers else [],
+            self.model_prefix,
+            probes=bool(report.probes),
         )
-        model_metrics = set(self._layout[1])
-        if self.log_model:
-            model_metrics |= set(report.aggregates) | set(report.model)
-        layout = (tuple(sorted(layer_metrics)), tuple(sorted(model_metrics)))
-        if layout != self._layout and hasattr(self._writer, "add_custom_scalars"):
-            self._writer.add_custom_scalars(_custom_scalars_layout(*layout))
-            self._layout = layout
+        merged = {category: {**self._layout.get(category, {}), **charts} for category, charts in layout.items()}
+        merged = {**self._layout, **merged}
+        if merged != self._layout and hasattr(self._writer, "add_custom_scalars"):
+            self._writer.add_custom_scalars(merged)
+            self._layout = merged
 
 
-def _custom_scalars_layout(layer_metrics: tuple[str, ...], model_metrics: tuple[str, ...]) -> dict:
+def _custom_scalars_layout(
+    model_metrics: Sequence[str], layer_metrics: Sequence[str], prefix: str, *, probes: bool = False
+) -> dict:
     """The ``add_custom_scalars`` layout: one multiline chart per metric (tags are regexes)."""
-    spectral = {m: ["Multiline", [f"{PREFIX}/{re.escape(m)}/.*"]] for m in layer_metrics}
-    model = {m: ["Multiline", [f"{_MODEL}{re.escape(m)}{_AGG_SUFFIX}"]] for m in model_metrics}
-    return {name: charts for name, charts in (("spectral", spectral), ("spectral model", model)) if charts}
+    pre = f"({re.escape(prefix)})?" if prefix else ""
+    overview = {
+        m: ["Multiline", [f"^{pre}{PREFIX}/model/{re.escape(m)}_(mean|median|min|max)$"]] for m in model_metrics
+    }
+    if probes:
+        overview["probe"] = ["Multiline", [f"^{pre}{PREFIX}/probe/(kl|loss_rel)$"]]
+    layers = {m: ["Multiline", [f"^{PREFIX}/{re.escape(m)}/.*"]] for m in layer_metrics}
+    return {name: charts for name, charts in (("spectral overview", overview), ("spectral layers", layers)) if charts}
 
 
 def _alerts_markdown(alerts: list[Alert]) -> str:

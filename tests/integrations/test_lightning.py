@@ -123,7 +123,7 @@ def test_metrics_reach_tensorboard_wandb_and_jsonl_at_measurement_steps(tmp_path
 
     tb = TensorBoardLogger(tmp_path / "tb", name="run")
     wb = WandbLogger(project="sm-test", save_dir=str(wandb_offline), offline=True)
-    cb = SpectralMonitorCallback(every_n_steps=4, rank=4, exclude=EXCLUDE, rules=[])
+    cb = SpectralMonitorCallback(every_n_steps=4, rank=4, exclude=EXCLUDE, rules=[], log_layers=True)
     # log_every_n_steps=50 > max_steps: Lightning's throttle must not hold the spectra back
     t = trainer(tmp_path, callbacks=[cb], logger=[tb, wb], max_steps=11, log_every_n_steps=50)
     t.fit(MLP(), loader())

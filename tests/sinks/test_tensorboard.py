@@ -16,6 +16,7 @@ from spectral_monitor.sinks.tensorboard import TensorBoardSink
 from tests.readers import (
     read_tensorboard_custom_scalars,
     read_tensorboard_histograms,
+    read_tensorboard_images,
     read_tensorboard_scalars,
     read_tensorboard_texts,
 )
@@ -57,7 +58,7 @@ REPORTS = [make_report(i, s) for i, s in enumerate(STEPS)]
 def logdir(tmp_path_factory):
     """One run: start, three reports, finish (twice: must be safe)."""
     path = tmp_path_factory.mktemp("tb")
-    sink = TensorBoardSink(str(path))
+    sink = TensorBoardSink(str(path), log_layers=True, histograms=True)
     sink.start({"rank": 8})
     for report in REPORTS:
         sink.write(report)
@@ -66,11 +67,21 @@ def logdir(tmp_path_factory):
     return path
 
 
+def _written(report: StepReport) -> dict[str, float]:
+    """What a sink with the overview and per-layer scalars writes: every key of the report but the
+    per-layer bookkeeping (update_norm) and the per-type means."""
+    return {
+        k: v
+        for k, v in report.metrics.items()
+        if not k.startswith("spectral/update_norm/") and k != "spectral/model/rho1_mean/attn"
+    }
+
+
 def test_scalars_exact_values_at_exact_steps(logdir):
     scalars = read_tensorboard_scalars(logdir)
     expected: dict[str, list[tuple[int, float]]] = {}
     for report in REPORTS:
-        for key, value in report.metrics.items():
+        for key, value in _written(report).items():
             expected.setdefault(key, []).append((report.step, value))
     assert scalars == expected
     assert scalars["spectral/erank/h.1.attn.c_attn"] == [(20, 20 / 4 + 2 / 8 + 3)]
@@ -101,22 +112,44 @@ def test_alert_text(logdir):
 def test_custom_scalars_layout_groups_layers_per_metric(logdir):
     layout = read_tensorboard_custom_scalars(logdir)
     # the newest layout includes erank, which only the third report had
-    assert set(layout) == {"spectral", "spectral model"}
-    assert layout["spectral"] == {m: [f"spectral/{m}/.*"] for m in ["alpha", "erank", "rho1", "update_norm"]}
-    assert set(layout["spectral model"]) == {"alpha", "rho1", "measure_s"}
-    # every layer's tag lands in its metric's chart and no other
+    assert set(layout) == {"spectral overview", "spectral layers"}
+    assert layout["spectral layers"] == {m: [f"^spectral/{m}/.*"] for m in ["rho1", "erank", "alpha"]}
+    assert set(layout["spectral overview"]) == {"alpha", "rho1"}
+    # every per-layer and aggregate tag lands in its metric's chart and no other
     charts = {(cat, title): regexes for cat, c in layout.items() for title, regexes in c.items()}
     for tag in read_tensorboard_scalars(logdir):
         if tag.startswith(("spectral/model/measure_s", "spectral/alert/")):
             continue
         hits = [key for key, regexes in charts.items() if any(re.match(r, tag) for r in regexes)]
         metric = tag.split("/")[2].split("_")[0] if tag.startswith("spectral/model/") else tag.split("/")[1]
-        category = "spectral model" if tag.startswith("spectral/model/") else "spectral"
+        category = "spectral overview" if tag.startswith("spectral/model/") else "spectral layers"
         assert hits == [(category, metric)], tag
 
 
+def test_defaults_write_the_overview_and_heatmaps_and_the_layout_finds_trainer_keys(tmp_path):
+    pytest.importorskip("matplotlib")
+    sink = TensorBoardSink(str(tmp_path), model_prefix="train/")
+    sink.start({})
+    for report in REPORTS:
+        sink.write(report)
+    sink.finish()
+    scalars = read_tensorboard_scalars(tmp_path)
+    assert set(scalars) == {
+        "spectral/model/rho1_mean",
+        "spectral/model/alpha_max",
+        "spectral/model/measure_s",
+        "spectral/alert/rho1_collapse",
+    }
+    images = read_tensorboard_images(tmp_path)
+    assert set(images) == {"spectral/heatmap/rho1", "spectral/heatmap/alpha", "spectral/heatmap/erank"}
+    assert [step for step, _ in images["spectral/heatmap/rho1"]] == STEPS
+    [regex] = read_tensorboard_custom_scalars(tmp_path)["spectral overview"]["rho1"]
+    assert re.match(regex, "train/spectral/model/rho1_mean") and re.match(regex, "spectral/model/rho1_max")
+    assert not re.match(regex, "train/spectral/model/rho1_mean/attn")
+
+
 def test_histograms_skip_non_finite_values(tmp_path):
-    sink = TensorBoardSink(str(tmp_path))
+    sink = TensorBoardSink(str(tmp_path), histograms=True)
     sink.start({})
     nan = float("nan")
     sink.write(StepReport(step=3, spectra={"a": torch.tensor([3.0, nan, 1.0]), "b": torch.tensor([nan])}))
@@ -147,7 +180,9 @@ def test_given_writer_is_used_and_not_closed():
     sink.start({})
     sink.write(REPORTS[2])
     sink.finish()
-    assert sorted(writer.scalars) == sorted((k, v, 20) for k, v in REPORTS[2].metrics.items())
+    written = {"spectral/model/rho1_mean", "spectral/model/alpha_max", "spectral/model/measure_s"}
+    written.add("spectral/alert/rho1_collapse")  # the overview, by default
+    assert sorted(writer.scalars) == sorted((k, REPORTS[2].metrics[k], 20) for k in written)
     assert writer.flushes == 2  # after the write, and in finish
     assert sink.writer is writer
 

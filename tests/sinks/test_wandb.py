@@ -77,8 +77,14 @@ def spectral_rows(rows: list[dict], step_key: str) -> dict[int, dict]:
     return {row[step_key]: row for row in rows if "spectral/model/rho1_mean" in row}
 
 
+def _written(report: StepReport) -> dict[str, float]:
+    """What a sink with the overview and per-layer scalars logs: every key of the report but the
+    per-layer bookkeeping (update_norm)."""
+    return {k: v for k, v in report.metrics.items() if not k.startswith("spectral/update_norm/")}
+
+
 def test_owned_run_logs_every_value_at_its_step(wandb_dir):
-    sink = WandbSink(project="spectral-test", table_every=2)
+    sink = WandbSink(project="spectral-test", table_every=2, log_layers=True)
     sink.start({"rank": 8, "every": 25})
     for report in REPORTS:
         sink.write(report)
@@ -89,8 +95,9 @@ def test_owned_run_logs_every_value_at_its_step(wandb_dir):
     rows = spectral_rows(read_wandb_history(wandb_dir), "_step")
     assert sorted(rows) == STEPS
     for report in REPORTS:
-        for key, value in report.metrics.items():
+        for key, value in _written(report).items():
             assert rows[report.step][key] == value, (report.step, key)
+        assert not any(k.startswith("spectral/update_norm/") for k in rows[report.step])
     assert read_wandb_config(wandb_dir)["spectral_monitor"] == {"rank": 8, "every": 25}
     assert read_wandb_metric_definitions(wandb_dir) == []  # no step_key: plain `step=`
 
@@ -150,7 +157,7 @@ def log_like_hf_with(sink: WandbSink) -> None:
 
 def test_step_key_logs_alongside_an_active_run_and_leaves_it_open(wandb_dir):
     run = hf_like_run()
-    sink = WandbSink(step_key=HF_STEP)
+    sink = WandbSink(step_key=HF_STEP, log_layers=True)
     sink.start({})
     assert sink.run is run
     log_like_hf_with(sink)
@@ -163,7 +170,7 @@ def test_step_key_logs_alongside_an_active_run_and_leaves_it_open(wandb_dir):
     rows = spectral_rows(history, HF_STEP)
     assert sorted(rows) == STEPS
     for report in REPORTS:
-        for key, value in report.metrics.items():
+        for key, value in _written(report).items():
             assert rows[report.step][key] == value, (report.step, key)
     assert [row[HF_STEP] for row in history if "train/loss" in row] == list(range(1, 32))
     assert {"glob_name": "spectral/*", "step_metric": HF_STEP} in read_wandb_metric_definitions(wandb_dir)
@@ -182,8 +189,8 @@ def test_explicit_step_behind_the_run_step_is_dropped_by_wandb(wandb_dir):
     assert spectral_rows(read_wandb_history(wandb_dir), HF_STEP) == {}
 
 
-def test_log_layers_false_keeps_aggregates_only(wandb_dir):
-    sink = WandbSink(wandb.init(project="spectral-test"), log_layers=False, table_every=0, heatmap_metrics=())
+def test_by_default_only_the_overview_is_scalar(wandb_dir):
+    sink = WandbSink(wandb.init(project="spectral-test"), table_every=0, heatmap_metrics=())
     sink.start({})
     sink.write(REPORTS[0])
     sink.finish()

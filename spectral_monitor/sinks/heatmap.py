@@ -1,0 +1,37 @@
+"""A layer × step heatmap image of one per-layer metric (matplotlib, for the W&B and TensorBoard sinks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spectral_monitor.records import PREFIX, layer_sort_key
+
+__all__ = ["heatmap_rgb"]
+
+
+def heatmap_rgb(metric: str, rows: list[tuple[int, dict[str, float]]]) -> Any:
+    """Render ``rows`` (``[(step, {layer: value})]``) as a layer × step heatmap, layers in model order;
+    an ``(H, W, 3)`` uint8 array. Needs matplotlib (the ``report`` extra)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps = [step for step, _ in rows]
+    layers = sorted({layer for _, values in rows for layer in values}, key=layer_sort_key)
+    grid = np.full((len(layers), len(steps)), np.nan)
+    for j, (_, values) in enumerate(rows):
+        for i, layer in enumerate(layers):
+            grid[i, j] = values.get(layer, np.nan)
+    fig = Figure(figsize=(8, min(2 + 0.2 * len(layers), 20)), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+    fig.colorbar(image, ax=ax, label=metric)
+    ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 20)).astype(int))
+    ax.set_xticks(ticks, [str(steps[t]) for t in ticks], rotation=90, fontsize=6)
+    ax.set_yticks(range(len(layers)), layers, fontsize=6)
+    ax.set_xlabel("step")
+    ax.set_title(f"{PREFIX}/{metric} by layer")
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
