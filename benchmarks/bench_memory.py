@@ -12,7 +12,8 @@ record the baseline, then reset the peak counter, ``monitor.snapshot()``, apply 
   extra resident memory of snapshot + measurement (store + the measurement's float32 ΔW batch,
   bounded by ``memory_budget_mb`` = 1024, + randomized-SVD temporaries); RssAnon/RssFile after;
   and tracemalloc's peak of Python-heap allocations (torch tensors are not Python-heap, so this is
-  only the bookkeeping);
+  only the bookkeeping); ``monitor.workspace_bytes``: the ΔW buffers the monitor keeps between
+  measurements (CPU);
 * CUDA (``--device cuda``): ``torch.cuda.max_memory_allocated()`` minus the allocation before the
   snapshot (the model on the GPU), plus the host's peak extra RSS (the ``cpu`` store is pinned).
 
@@ -22,6 +23,7 @@ Run: ``python benchmarks/bench_memory.py [--quick] [--device cuda] [--json out.j
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -33,7 +35,7 @@ import tracemalloc
 from pathlib import Path
 
 import torch
-from _common import base_parser, fmt_s, loadavg, machine_info, print_machine, print_table, write_json
+from harness import fmt_s, gpt2, loadavg, parser, start
 
 STORES = ("device", "cpu", "disk", "reference", "lora")
 MB = 2**20
@@ -51,12 +53,9 @@ def reset_peak_rss() -> None:
 
 
 def child(store: str, device: str, n_layer: int) -> dict:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from spectral_monitor import MonitorConfig, SpectralMonitor
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer)).eval().to(device)
+    model = gpt2(0, n_layer=n_layer).eval().to(device)
     reference = None
     if store == "reference":
         reference = copy.deepcopy(model)  # e.g. TRL's ref_model: exists anyway, not the monitor's cost
@@ -109,6 +108,7 @@ def child(store: str, device: str, n_layer: int) -> dict:
         "rss_anon_mb": status_kb("RssAnon") / 1024,
         "rss_file_mb": status_kb("RssFile") / 1024,
         "python_heap_peak_mb": py_peak / MB,
+        "workspace_mb": monitor.workspace_bytes / MB,
     }
     if device.startswith("cuda"):
         out["gpu_peak_extra_mb"] = (torch.cuda.max_memory_allocated() - gpu0) / MB
@@ -116,16 +116,15 @@ def child(store: str, device: str, n_layer: int) -> dict:
 
 
 def main() -> None:
-    p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--child", choices=STORES, help=argparse_hidden())
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--child", choices=STORES, help=argparse.SUPPRESS)
     p.add_argument("--n-layer", type=int, default=None)
     args = p.parse_args()
     n_layer = args.n_layer or (4 if args.quick else 12)
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.device, n_layer)), flush=True)
         return
-    info = machine_info(args.device)
-    print_machine(info, "bench_memory: extra memory per snapshot store")
+    out = start("bench_memory: extra memory per snapshot store", args)
     rows, results = [], []
     for store in STORES:
         cmd = [
@@ -153,6 +152,7 @@ def main() -> None:
             store,
             r["kind"],
             f"{r['nbytes'] / MB:.0f}",
+            f"{r['workspace_mb']:.0f}",
             f"{r['rss_extra_after_snapshot_mb']:.0f}",
             f"{r['rss_peak_extra_mb']:.0f}",
             f"{r['python_heap_peak_mb']:.1f}",
@@ -160,17 +160,14 @@ def main() -> None:
             fmt_s(r["measure_s"]),
         ]
         if args.device.startswith("cuda"):
-            row.insert(5, f"{r['gpu_peak_extra_mb']:.0f}")
+            row.insert(6, f"{r['gpu_peak_extra_mb']:.0f}")
         rows.append(row)
     weights = next((r["weights"] for r in results if "weights" in r), 0)
-    print(
-        f"\n-- GPT-2 small ({n_layer} blocks): {weights / 1e6:.1f} M monitored weights = "
-        f"{weights * 4 / MB:.0f} MB in float32; default config (memory_budget_mb=1024)"
-    )
     hdr = [
         "store",
         "store kind",
         "store.nbytes (MB)",
+        "workspace kept (MB)",
         "RSS after snapshot (+MB)",
         "peak RSS, snapshot+measure (+MB)",
         "Python-heap peak (MB)",
@@ -178,21 +175,18 @@ def main() -> None:
         "measure()",
     ]
     if args.device.startswith("cuda"):
-        hdr.insert(5, "GPU peak extra (MB)")
-    print_table(hdr, rows)
-    print(
-        "   +MB: above the process's resident memory before the snapshot (model already built). disk: "
+        hdr.insert(6, "GPU peak extra (MB)")
+    out.table(
+        f"GPT-2 small ({n_layer} blocks): {weights / 1e6:.1f} M monitored weights = "
+        f"{weights * 4 / MB:.0f} MB in float32; default config (memory_budget_mb=1024)",
+        hdr,
+        rows,
+        note="   +MB: above the process's resident memory before the snapshot (model already built). disk: "
         "memory-mapped pages read during the measurement count in RSS (RssFile) but are page cache the "
-        "kernel can drop; reference: the reference model itself is the user's and is not counted."
+        "kernel can drop; reference: the reference model itself is the user's and is not counted.",
     )
-    info["loadavg_1m_at_end"] = loadavg()
-    write_json(args.json, {"machine": info, "args": vars(args), "rows": results})
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
+    out.data["rows"] = results
+    out.finish()
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import warnings
 
 import numpy as np
 import torch
-from _common import base_parser, fmt_g, fmt_t, loadavg, machine_info, print_machine, print_table, timeit, write_json
+from harness import fmt_g, loadavg, parser, quiet, start, timeit
 
 from spectral_monitor.functional import fit_power_law
 
@@ -77,11 +77,10 @@ def rel(a: float, b: float) -> float:
 
 
 def main() -> None:
-    p = base_parser(__doc__.splitlines()[0], device=False)
-    args = p.parse_args()
-    info = machine_info("cpu")
-    print_machine(info, "bench_powerlaw: fit_power_law vs powerlaw.Fit and WeightWatcher's fitter")
-    with contextlib.redirect_stderr(io.StringIO()):  # weightwatcher logs its SVD backend on import
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    out = start("bench_powerlaw: fit_power_law vs powerlaw.Fit and WeightWatcher's fitter", args)
+    device = args.device  # of our fitter; powerlaw and WW run on NumPy
+    with quiet():  # weightwatcher logs its SVD backend on import
         import weightwatcher
     import powerlaw
 
@@ -89,25 +88,25 @@ def main() -> None:
     sizes = [768, 2048] if args.quick else SIZES
     reps = 3 if args.quick else 7
     rows, out_rows = [], []
-    fit_power_law(torch.rand(64, dtype=torch.float64) + 1)  # one-off torch warm-up outside any timing
+    fit_power_law(torch.rand(64, dtype=torch.float64, device=device) + 1)  # one-off warm-up outside any timing
     for n in sizes:
         x = heavy_tailed_eigs(2 * n, n, seed=n)
-        xt = torch.from_numpy(x)
-        t_ours = timeit(lambda xt=xt: fit_power_law(xt), repeats=reps * 3, warmup=1)
+        xt = torch.from_numpy(x).to(device)
+        t_ours = timeit(lambda xt=xt: fit_power_law(xt), repeats=reps * 3, warmup=1, device=device)
         t_pl = timeit(lambda x=x: powerlaw_fit(x), repeats=2 if n >= 2048 else reps, warmup=0)
         t_ww = timeit(lambda x=x: ww_fit(x), repeats=reps, warmup=1)
-        ours, ref, ww = t_ours["result"], t_pl["result"], t_ww["result"]
+        ours, ref, ww = t_ours.result, t_pl.result, t_ww.result
         a = float(ours.alpha)
         r = {
             "n": n,
-            "ours_best_s": t_ours["min_s"],
-            "ours_median_s": t_ours["median_s"],
-            "powerlaw_best_s": t_pl["min_s"],
-            "powerlaw_median_s": t_pl["median_s"],
-            "ww_best_s": t_ww["min_s"],
-            "ww_median_s": t_ww["median_s"],
-            "speedup_vs_powerlaw": t_pl["min_s"] / t_ours["min_s"],
-            "speedup_vs_ww": t_ww["min_s"] / t_ours["min_s"],
+            "ours_best_s": t_ours.best,
+            "ours_median_s": t_ours.median,
+            "powerlaw_best_s": t_pl.best,
+            "powerlaw_median_s": t_pl.median,
+            "ww_best_s": t_ww.best,
+            "ww_median_s": t_ww.median,
+            "speedup_vs_powerlaw": t_pl.best / t_ours.best,
+            "speedup_vs_ww": t_ww.best / t_ours.best,
             "alpha_ours": a,
             "alpha_powerlaw": float(ref.alpha),
             "alpha_ww": float(ww.alpha),
@@ -122,9 +121,9 @@ def main() -> None:
         rows.append(
             [
                 n,
-                fmt_t(t_ours),
-                fmt_t(t_pl),
-                fmt_t(t_ww),
+                t_ours.fmt(),
+                t_pl.fmt(),
+                t_ww.fmt(),
                 f"{r['speedup_vs_powerlaw']:.0f}x",
                 f"{r['speedup_vs_ww']:.1f}x",
                 f"{a:.4f}",
@@ -134,8 +133,8 @@ def main() -> None:
             ]
         )
         print(f"   n={n} done (load {loadavg()})", flush=True)
-    print("\n-- one spectrum per call (time: best / median)")
-    print_table(
+    out.table(
+        "one spectrum per call (time: best / median)",
         [
             "n values",
             "ours",
@@ -154,66 +153,67 @@ def main() -> None:
     # ---- batched: 49 GPT-2-small-shaped spectra in one call
     shapes = [GPT2_BLOCK_SHAPES[i % 4] for i in range(48)] + [(768, 768)]
     spectra = [heavy_tailed_eigs(m, n, seed=1000 + i) for i, (m, n) in enumerate(shapes)]
-    batch = torch.from_numpy(np.stack(spectra))
-    t_batch = timeit(lambda: fit_power_law(batch), repeats=reps, warmup=1)
-    t_seq = timeit(lambda: [fit_power_law(torch.from_numpy(s)) for s in spectra], repeats=3, warmup=0)
+    batch = torch.from_numpy(np.stack(spectra)).to(device)
+    t_batch = timeit(lambda: fit_power_law(batch), repeats=reps, warmup=1, device=device)
+    t_seq = timeit(
+        lambda: [fit_power_law(torch.from_numpy(s).to(device)) for s in spectra], repeats=3, warmup=0, device=device
+    )
     t_ww49 = timeit(lambda: [ww_fit(s) for s in spectra], repeats=3, warmup=0)
     n_pl = 10 if args.quick else 49
     t_pl49 = timeit(lambda: [powerlaw_fit(s) for s in spectra[:n_pl]], repeats=1, warmup=0)
-    bfit = t_batch["result"]
-    ww_alphas = np.array([f.alpha for f in t_ww49["result"]])
-    pl_alphas = np.array([f.alpha for f in t_pl49["result"]])
-    ours_alphas = bfit.alpha.double().numpy()
-    seq_alphas = np.array([float(f.alpha) for f in t_seq["result"]])
+    bfit = t_batch.result
+    ww_alphas = np.array([f.alpha for f in t_ww49.result])
+    pl_alphas = np.array([f.alpha for f in t_pl49.result])
+    ours_alphas = bfit.alpha.double().cpu().numpy()
+    seq_alphas = np.array([float(f.alpha) for f in t_seq.result])
     d_ww = np.abs(ours_alphas - ww_alphas) / ww_alphas
     d_pl = np.abs(ours_alphas[:n_pl] - pl_alphas) / pl_alphas
     pl_scale = 49 / n_pl
     batch_row = {
         "spectra": 49,
         "values_each": 768,
-        "ours_batched_best_s": t_batch["min_s"],
-        "ours_batched_median_s": t_batch["median_s"],
-        "ours_49_calls_best_s": t_seq["min_s"],
-        "ww_49_calls_best_s": t_ww49["min_s"],
+        "ours_batched_best_s": t_batch.best,
+        "ours_batched_median_s": t_batch.median,
+        "ours_49_calls_best_s": t_seq.best,
+        "ww_49_calls_best_s": t_ww49.best,
         "powerlaw_calls": n_pl,
-        "powerlaw_calls_s": t_pl49["min_s"],
-        "speedup_vs_powerlaw": t_pl49["min_s"] * pl_scale / t_batch["min_s"],
-        "speedup_vs_ww": t_ww49["min_s"] / t_batch["min_s"],
-        "speedup_vs_49_own_calls": t_seq["min_s"] / t_batch["min_s"],
+        "powerlaw_calls_s": t_pl49.best,
+        "speedup_vs_powerlaw": t_pl49.best * pl_scale / t_batch.best,
+        "speedup_vs_ww": t_ww49.best / t_batch.best,
+        "speedup_vs_49_own_calls": t_seq.best / t_batch.best,
         "alpha_max_rel_diff_ww": float(d_ww.max()),
         "alpha_max_rel_diff_powerlaw": float(d_pl.max()),
         "batched_equals_single": bool(np.allclose(ours_alphas, seq_alphas, rtol=1e-6)),
         "alpha_range": [float(ours_alphas.min()), float(ours_alphas.max())],
     }
-    print("\n-- 49 GPT-2-small-shaped spectra (768 values each): one batched call vs one call per spectrum")
-    print_table(
+    out.table(
+        "49 GPT-2-small-shaped spectra (768 values each): one batched call vs one call per spectrum",
         ["fitter", "time (best / median)", "ours batched faster by", "max alpha rel diff vs ours"],
         [
-            ["ours, one batched call", fmt_t(t_batch), "1", "-"],
+            ["ours, one batched call", t_batch.fmt(), "1", "-"],
             [
                 "ours, 49 calls",
-                fmt_t(t_seq),
+                t_seq.fmt(),
                 f"{batch_row['speedup_vs_49_own_calls']:.1f}x",
                 fmt_g(float(np.abs(ours_alphas - seq_alphas).max() / ours_alphas.min()), 2),
             ],
             [
                 "WW fitter, 49 calls",
-                fmt_t(t_ww49),
+                t_ww49.fmt(),
                 f"{batch_row['speedup_vs_ww']:.1f}x",
                 fmt_g(batch_row["alpha_max_rel_diff_ww"], 2),
             ],
             [
                 f"powerlaw.Fit, {n_pl} calls" + ("" if n_pl == 49 else " (x4.9 for the ratio)"),
-                fmt_t(t_pl49),
+                t_pl49.fmt(),
                 f"{batch_row['speedup_vs_powerlaw']:.0f}x",
                 fmt_g(batch_row["alpha_max_rel_diff_powerlaw"], 2),
             ],
         ],
     )
     print(f"   alpha range over the 49 spectra: {ours_alphas.min():.3f} .. {ours_alphas.max():.3f}")
-    info["loadavg_1m_at_end"] = loadavg()
-    print(f"   load average (1 min) at end: {info['loadavg_1m_at_end']}")
-    write_json(args.json, {"machine": info, "args": vars(args), "single": out_rows, "batched": batch_row})
+    out.data.update(single=out_rows, batched=batch_row)
+    out.finish()
 
 
 if __name__ == "__main__":

@@ -27,18 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
-from _common import (
-    base_parser,
-    fmt_g,
-    fmt_s,
-    loadavg,
-    machine_info,
-    print_machine,
-    print_table,
-    sync,
-    timeit,
-    write_json,
-)
+from harness import Timing, fmt_g, fmt_s, parser, start, sync, timeit
 
 from spectral_monitor.functional import randomized_svd
 
@@ -106,14 +95,15 @@ def bench_shape(
     sync(device)
     rows: list[dict] = []
 
-    def add(method: str, t: dict | None, S=None, U1=None, note: str = "") -> None:
+    def add(method: str, t: Timing | None, S=None, U1=None, note: str = "") -> None:
         rows.append(
             {
                 "shape": f"{m}x{n}",
                 "method": method,
-                "median_s": t["median_s"] if t else None,
-                "cpu_s": t["cpu_median_s"] if t else None,
-                "repeats": len(t["times"]) if t else 0,
+                "median_s": t.median if t else None,
+                "best_s": t.best if t else None,
+                "cpu_s": t.cpu_median if t else None,
+                "repeats": len(t.wall) if t else 0,
                 **accuracy(S, U1, ref_s, ref_u),
                 "note": note,
             }
@@ -121,7 +111,7 @@ def bench_shape(
 
     # exact reference, timed (one repeat for big shapes)
     t_vals = timeit(lambda: torch.linalg.svdvals(A), device=device, repeats=repeats, warmup=0 if m * n > 4e6 else 1)
-    ref_s = t_vals["result"]
+    ref_s = t_vals.result
     ref_u = top_u(A)
     add("torch.linalg.svdvals", t_vals, ref_s, None, "reference for sigma")
     if full_svd:
@@ -131,7 +121,7 @@ def bench_shape(
             repeats=repeats,
             warmup=0 if m * n > 4e6 else 1,
         )
-        U, S, _ = t_svd["result"]
+        U, S, _ = t_svd.result
         add("torch.linalg.svd", t_svd, S, U[:, 0])
         del U
     else:
@@ -139,11 +129,11 @@ def bench_shape(
 
     rk = dict(repeats=repeats * 2, warmup=1)
     t = timeit(lambda: torch.svd_lowrank(A, q=RANK + OVERSAMPLE, niter=NITER), device=device, **rk)
-    U, S, _ = t["result"]
+    U, S, _ = t.result
     add(f"torch.svd_lowrank(q={RANK + OVERSAMPLE}, niter={NITER})", t, S, U[:, 0])
 
     t = timeit(lambda: randomized_svd(A, RANK, oversample=OVERSAMPLE, niter=NITER), device=device, **rk)
-    U, S, _ = t["result"]
+    U, S, _ = t.result
     add(f"randomized_svd(rank={RANK}, p={OVERSAMPLE}, niter={NITER})", t, S, U[:, 0])
 
     _, _, V_prev = randomized_svd(A_prev, RANK, oversample=OVERSAMPLE, niter=NITER)
@@ -151,7 +141,7 @@ def bench_shape(
         t = timeit(
             lambda q=q: randomized_svd(A, RANK, oversample=OVERSAMPLE, niter=q, init=V_prev), device=device, **rk
         )
-        U, S, _ = t["result"]
+        U, S, _ = t.result
         add(f"randomized_svd warm (init=V_prev), niter={q}", t, S, U[:, 0])
 
     # bf16 products (what the monitor's sketch_dtype="auto" picks on AMX/AVX512-BF16 CPUs and
@@ -160,7 +150,7 @@ def bench_shape(
     t = timeit(
         lambda: randomized_svd(A, RANK, oversample=OVERSAMPLE, niter=NITER, sketch_dtype=bf16), device=device, **rk
     )
-    U, S, _ = t["result"]
+    U, S, _ = t.result
     add(f"randomized_svd bf16 sketch, niter={NITER}", t, S, U[:, 0], "A rounded inside the call")
     A16 = A.to(bf16)
     for q in (NITER, 1):
@@ -169,19 +159,18 @@ def bench_shape(
             device=device,
             **rk,
         )
-        U, S, _ = t["result"]
+        U, S, _ = t.result
         add(f"randomized_svd bf16 sketch warm (A already bf16), niter={q}", t, S, U[:, 0], "errors vs exact SVD of A")
     return rows
 
 
 def main() -> None:
-    p = base_parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=None, help="timed repeats for GPT-2 shapes (default 5; quick 2)")
     p.add_argument("--skip-7b", action="store_true", help="GPT-2 shapes only")
     args = p.parse_args()
     device = args.device
-    info = machine_info(device)
-    print_machine(info, "bench_rsvd: randomized_svd vs torch SVDs")
+    out = start("bench_rsvd: randomized_svd vs torch SVDs", args)
     repeats = args.repeats or (2 if args.quick else 5)
     shapes = [(s, repeats, True) for s in GPT2_SHAPES]
     if not (args.quick or args.skip_7b):
@@ -204,8 +193,8 @@ def main() -> None:
         for r in rows:
             r["vs_svdvals"] = base / r["median_s"] if r["median_s"] else None
             r["ours_speedup"] = r["median_s"] / ours if r["median_s"] else None
-        print(f"\n-- {m}x{n} (repeats: {reps}; exact-SVD rows {'1 run' if reps == 1 else f'median of {reps}'})")
-        print_table(
+        out.table(
+            f"{m}x{n} (repeats: {reps}; exact-SVD rows {'1 run' if reps == 1 else f'median of {reps}'})",
             [
                 "method",
                 "time",
@@ -235,9 +224,8 @@ def main() -> None:
             ],
         )
         all_rows.extend(rows)
-    info["loadavg_1m_at_end"] = loadavg()
-    print(f"\n   load average (1 min) at end: {info['loadavg_1m_at_end']}")
-    write_json(args.json, {"machine": info, "args": vars(args), "rows": all_rows})
+    out.data["rows"] = all_rows
+    out.finish()
 
 
 if __name__ == "__main__":
