@@ -22,6 +22,7 @@ _EXTRAS = {
     "matplotlib": "report",
     "powerlaw": "dev",
     "weightwatcher": "dev",
+    "deepspeed": "deepspeed",
 }
 
 

@@ -125,8 +125,10 @@ class LoraAdapter:
 
 
 def _is_conv1d(module: nn.Module) -> bool:
-    # transformers.pytorch_utils.Conv1D, matched by name so transformers is never imported here.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+    # transformers.pytorch_utils.Conv1D (or FSDP2's FSDPConv1D subclass), matched by class name so
+    # transformers is never imported here.
+    named = any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)
+    return named and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 def _is_lora(module: nn.Module) -> bool:
@@ -145,26 +147,32 @@ def _depth(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _stored_shape(module: nn.Module) -> tuple[int, int]:
+    """The whole weight's shape as stored: ``weight.shape``, or for a sharded training's flat view
+    (FSDP1) or partition (DeepSpeed ZeRO-3) the full shape those record."""
+    w = module.weight
+    if w.dim() == 2 and w.numel() > 0:
+        return (w.shape[0], w.shape[1])
+    from spectral_monitor.distributed import global_shape  # imports torch.distributed: only when sharded
+
+    return global_shape(w, module)
+
+
 def _spec(name: str, module: nn.Module) -> LayerSpec | None:
     if _is_lora(module):
         base = module.get_base_layer()
         if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
             return None
-        w = base.weight
-        shape = (w.shape[1], w.shape[0]) if _is_conv1d(base) else (w.shape[0], w.shape[1])
-        return LayerSpec(
-            name, module, "lora", f"{name}.base_layer.weight", tuple(shape), _layer_type(name), _depth(name)
-        )
+        rows, cols = _stored_shape(base)
+        shape = (cols, rows) if _is_conv1d(base) else (rows, cols)
+        return LayerSpec(name, module, "lora", f"{name}.base_layer.weight", shape, _layer_type(name), _depth(name))
     if isinstance(module, nn.Linear):
-        w = module.weight
         return LayerSpec(
-            name, module, "dense", f"{name}.weight", (w.shape[0], w.shape[1]), _layer_type(name), _depth(name)
+            name, module, "dense", f"{name}.weight", _stored_shape(module), _layer_type(name), _depth(name)
         )
     if _is_conv1d(module):
-        w = module.weight
-        return LayerSpec(
-            name, module, "conv1d", f"{name}.weight", (w.shape[1], w.shape[0]), _layer_type(name), _depth(name)
-        )
+        rows, cols = _stored_shape(module)
+        return LayerSpec(name, module, "conv1d", f"{name}.weight", (cols, rows), _layer_type(name), _depth(name))
     return None
 
 

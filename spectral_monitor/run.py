@@ -15,10 +15,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch.distributed as dist
 from torch import nn
 
 from spectral_monitor.alerts import KnowledgeLoss, Rule, State, default_rules, evaluate
 from spectral_monitor.config import MonitorConfig, build_config
+from spectral_monitor.distributed import all_reduce_max
 from spectral_monitor.engine import SpectralMonitor
 from spectral_monitor.errors import BaseMismatchError
 from spectral_monitor.probes import Probe
@@ -63,7 +65,8 @@ class Decision:
 class MonitorRun:
     """Composes :class:`SpectralMonitor`, alert rules and sinks.
 
-    ``sinks``: where reports go (written on the main process only, ``is_main``);
+    ``sinks``: where reports go (written on the main process only, ``is_main``: by default rank 0
+    of a distributed job);
     ``rules``: alert rules (default :func:`~spectral_monitor.alerts.default_rules`);
     ``early_stop``: let fired rules request a stop; ``probe``: a held-out
     :class:`~spectral_monitor.probes.Probe` (or its batches) measured against the base at every
@@ -80,7 +83,7 @@ class MonitorRun:
         rules: Sequence[Rule] | None = None,
         early_stop: bool = False,
         reference: nn.Module | None = None,
-        is_main: bool = True,
+        is_main: bool | None = None,
         probe: Probe | Sequence[Mapping[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -90,7 +93,7 @@ class MonitorRun:
         self.rules = list(default_rules() if rules is None else rules)
         self.probe = probe if probe is None or isinstance(probe, Probe) else Probe(probe)
         self.early_stop = early_stop
-        self.is_main = is_main
+        self.is_main = (self.monitor.group is None or dist.get_rank() == 0) if is_main is None else is_main
         self.schedule = Schedule(self.config, len(self.monitor.specs))
         self.rule_states: dict[str, State] = {}
         self.context: dict[str, float] = {}
@@ -188,6 +191,8 @@ class MonitorRun:
         now = time.perf_counter()
         self.schedule.spent(now - t0, now)
         self.schedule.measured(step, now - t0, layers=measured)
+        if self.monitor.group is not None:  # every rank must measure at the same steps
+            self.schedule.agree(lambda values: all_reduce_max(values, self.monitor.group))
         if self.schedule.expected > 1.5 * self.config.overhead:
             self._warn_once(
                 "budget",

@@ -20,6 +20,7 @@ measurement, so a slow data loader or evaluation counts as training time, as a u
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +120,14 @@ class Schedule:
         self.gap = max(1, min(self.config.max_every, _ceil(need / self.groups)))
         self.next_step = step + self.gap
         self.expected = self.config.overhead * need / (self.groups * self.gap)
+
+    def agree(self, reduce_max: Callable[[list[float]], list[float]]) -> None:
+        """Take the ranks' most conservative choice (every rank's timings differ a little; all must
+        measure at the same steps): the latest next step, the most groups, the widest gap."""
+        if self.next_step is None:
+            return
+        next_step, groups, gap = reduce_max([self.next_step, self.groups, self.gap])
+        self.next_step, self.groups, self.gap = int(next_step), int(groups), int(gap)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -83,7 +83,11 @@ class LayerResult:
 
 
 def _batched(
-    dec: Decomposition, base_u: Tensor, prev_u: Sequence[Tensor | None], shape: tuple[int, int], cfg: MonitorConfig
+    dec: Decomposition,
+    base_u: Tensor | None,
+    prev_u: Sequence[Tensor | None],
+    shape: tuple[int, int],
+    cfg: MonitorConfig,
 ) -> dict[str, Tensor]:
     """Every metric as a ``(b,)`` tensor on the compute device (alignment to the previous
     measurement has placeholders where a layer has none)."""
@@ -120,8 +124,9 @@ def _batched(
         prev = torch.stack([U[j, :, :a] if p is None else p[:, :a].to(device) for j, p in enumerate(prev_u)])
         out["align_prev"] = abs_cosine(U[:, :, 0], prev[:, :, 0])
         out["overlap_prev"] = subspace_overlap(U[:, :, :a], prev)
-    out["align_base"] = base_alignment(base_u, U[:, :, 0])
-    if dec.Ut is not None:
+    if base_u is not None:
+        out["align_base"] = base_alignment(base_u, U[:, :, 0])
+    if dec.Ut is not None and base_u is not None:
         out["intruders"] = intruder_count(
             dec.Ut,
             base_u,
@@ -136,7 +141,7 @@ def layer_values(
     dec: Decomposition,
     *,
     finite: Sequence[bool],
-    base_u: Tensor,
+    base_u: Tensor | None,
     base_fro: Sequence[float],
     prev_u: Sequence[Tensor | None],
     shape: tuple[int, int],
@@ -144,7 +149,8 @@ def layer_values(
 ) -> list[LayerResult]:
     """Each layer's metrics from its decomposition (one host transfer for the whole batch).
 
-    ``base_u (b, m, K)``: W_0's top-K left singular vectors; ``base_fro``: ‖W_0‖_F per layer;
+    ``base_u (b, m, K)``: W_0's top-K left singular vectors (None: no ``align_base``, no intruders);
+    ``base_fro``: ‖W_0‖_F per layer;
     ``prev_u``: the previous measurement's top left vectors per layer (None: no previous
     direction). Alignments are left out where they are undefined: ``align_prev``/``overlap_prev``
     without a previous direction, every alignment of a zero update (its directions are arbitrary).

@@ -23,6 +23,7 @@ from torch.profiler import record_function
 from spectral_monitor.config import MonitorConfig, build_config
 from spectral_monitor.engine.metrics import Decomposition, LayerResult, aggregate, layer_values
 from spectral_monitor.engine.plan import Batch, Planner
+from spectral_monitor.engine.sharded import ShardedMeasurement, world_group
 from spectral_monitor.engine.state import (
     RANDOM_LIKE,
     LayerState,
@@ -79,16 +80,19 @@ class SpectralMonitor:
         self.model = model
         self.config = config
         self.reference = reference
-        specs = self._select(model, config)
-        sharded = [s.name for s in specs if _is_sharded(s.parameter())]
-        if sharded:
-            log.warning(
-                "spectral_monitor: %d layers hold sharded parameters (FSDP / DeepSpeed ZeRO-3 / DTensor), e.g. %r; "
-                "sharded training is not supported yet, so they are not monitored",
-                len(sharded),
-                sharded[0],
-            )
-        self.specs: list[LayerSpec] = [s for s in specs if s.name not in sharded]
+        self.specs: list[LayerSpec] = self._select(model, config)
+        self.group = world_group()
+        self._sharded = None
+        if self.group is not None:
+            dense = [s for s in self.specs if s.kind != "lora"]
+            self._sharded = ShardedMeasurement(dense, config, self.group) if dense else None
+        else:
+            sharded = [s.name for s in self.specs if _is_sharded(s.parameter())]
+            if sharded:
+                raise ConfigError(
+                    f"{len(sharded)} monitored weights are sharded (e.g. {sharded[0]!r}) but torch.distributed is "
+                    "not initialised with more than one rank; build the monitor inside the distributed job"
+                )
         self.planner = Planner(config)
         self.store: BaseStore | None = None
         self._has_base = all(s.kind == "lora" for s in self.specs)
@@ -140,9 +144,13 @@ class SpectralMonitor:
                 f"{len(meta)} monitored weights are on the meta device (e.g. {meta[0]!r}): the model has no values "
                 "yet; load or materialize its weights before the monitor takes its base"
             )
-        self.set_base(
-            make_store(self.config.base_store, self.specs, base_dir=self.config.base_dir, reference=self.reference)
-        )
+        if self._sharded is not None:
+            self.set_base(self._sharded.snapshot())
+        else:
+            store = make_store(
+                self.config.base_store, self.specs, base_dir=self.config.base_dir, reference=self.reference
+            )
+            self.set_base(store)
         return self.store
 
     def set_base(self, store: BaseStore | None) -> None:
@@ -176,10 +184,13 @@ class SpectralMonitor:
         full = cfg.full_every > 0 and (self.measurements + 1) % cfg.full_every == 0
         chosen = self.specs if layers is None else [s for s in self.specs if s.name in set(layers)]
         specs = self._attached(chosen, report)
-        batches = self.planner.batches(specs, lambda s: self._state(s).rank, full)
+        local = [s for s in specs if self._sharded is None or s.kind == "lora"]
+        batches = self.planner.batches(local, lambda s: self._state(s).rank, full)
         prefetch = self._prefetcher()
         results: dict[str, LayerResult] = {}
         with torch.no_grad():
+            if self._sharded is not None:
+                results.update(self._measure_sharded(specs, step, report))
             for i, batch in enumerate(batches):
                 if prefetch is not None and i + 1 < len(batches) and batches[i + 1].kind == "dense":
                     prefetch = self._start_prefetch(prefetch, batches[i + 1])
@@ -225,6 +236,40 @@ class SpectralMonitor:
             reason = "the module was replaced after the monitor was built; its base belongs to the old one"
             report.skipped[spec.name] = reason
             self._warn_once(f"replaced:{spec.name}", f"spectral_monitor: {spec.name} is not measured: {reason}")
+        return out
+
+    def _measure_sharded(self, specs: Sequence[LayerSpec], step: int, report: StepReport) -> dict[str, LayerResult]:
+        """The dense layers of a distributed run, with every rank (collective; see ``sharded.py``)."""
+        names = {s.name for s in specs}
+        measured = [s for s in self._sharded.specs if s.name in names]  # the same subset on every rank
+        if not measured:
+            return {}
+        part = ShardedMeasurement(measured, self.config, self.group)
+        numel = max(s.shape[0] * s.shape[1] for s in measured)
+        device = self.planner.device(measured[0]) if measured[0].parameter().dim() == 2 else torch.device("cpu")
+        try:
+            with record_function("spectral_monitor.sharded"):
+                outcome = part.measure(
+                    step, self.store, [self._state(s) for s in measured], self.planner.sketch_dtype(device, numel=numel)
+                )
+        except Exception as exc:  # raised on every rank alike (distributed_update_svd's contract)
+            if self.config.strict:
+                raise
+            reason = f"{type(exc).__name__}: {exc}"
+            self._warn_once(reason, f"spectral_monitor: skipped the sharded layers at step {step}: {reason}")
+            for spec in measured:
+                report.skipped.setdefault(spec.name, reason)
+            return {}
+        out = {}
+        for spec, (value, spectrum, error) in zip(measured, outcome):
+            if error is not None:
+                report.skipped[spec.name] = error
+                continue
+            out[spec.name] = value
+            if spectrum is not None:
+                report.spectra[spec.name] = spectrum
+            else:
+                report.skipped[spec.name] = "non-finite weights (NaN/Inf)"
         return out
 
     def _measure_batch(
@@ -280,7 +325,7 @@ class SpectralMonitor:
                 shape=(m, n),
                 config=cfg,
             )
-        remember(states, dec, results, (m, n), cfg, sketched=not update.exact)
+        remember(states, dec, results, (m, n), cfg, warm=not update.exact, adapt=not update.exact)
         S_cpu = S.float().cpu()
         for i, (name, res) in enumerate(zip(names, results)):
             if res.finite:

@@ -105,18 +105,20 @@ def remember(
     shape: tuple[int, int],
     config: MonitorConfig,
     *,
-    sketched: bool,
+    warm: bool,
+    adapt: bool,
 ) -> None:
     """Update each layer's state after a measurement: the subspaces the next one starts from and
-    aligns with (dropped after a zero or non-finite update); for a ``sketched`` update (not an
-    exact SVD) the warm start and, unless this was a full-spectrum measurement, the rank."""
+    aligns with (dropped after a zero or non-finite update); with ``warm`` the right subspace for
+    the next sketch's warm start, with ``adapt`` the sketch rank (not after a full-spectrum
+    measurement)."""
     m, n = shape
     a = min(config.align_k, dec.S.shape[-1])
-    adapt = sketched and dec.spectrum is None and config.adaptive_rank
+    adapt = adapt and dec.spectrum is None and config.adaptive_rank
     for i, (state, res) in enumerate(zip(states, results)):
         keep = res.finite and not res.zero
         state.prev_u = dec.U[i, :, :a].clone() if keep else None
-        state.prev_v = dec.V[i].clone() if keep and sketched else None
+        state.prev_v = dec.V[i].clone() if keep and warm else None
         if not keep or not adapt:
             continue
         v = res.values

@@ -237,10 +237,20 @@ def _subspace_iteration(
     generator: torch.Generator | None,
     dtype: torch.dtype,
     lp: torch.dtype | None = None,
+    *,
+    shape: tuple[int, int] | None = None,
+    orth: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """HMT Alg. 4.4 + 5.1 on the operator ``apply`` (X -> M X) / ``apply_t`` (Y -> Mᵀ Y) of A's shape;
-    ``lp``: the dtype the operator rounds its argument to (the final basis is corrected for it)."""
-    m, n = A.shape[-2:]
+    ``lp``: the dtype the operator rounds its argument to (the final basis is corrected for it).
+
+    For an operator whose rows are spread over processes (``A`` is then this process's block of
+    rows, on the device the test matrix goes to): ``shape`` is the global ``(m, n)`` (it sets the
+    sketch width, which must agree everywhere) and ``orth`` orthonormalises a row-distributed
+    ``(*, m, l)`` block ``Y``, returning ``(Q, T)`` with ``Q = Y T`` (``T: (*, l, l)``) orthonormal.
+    It replaces every left-side (m-side) QR and the basis correction; the right-side QRs act on
+    replicated ``(*, n, l)`` blocks and stay local. Default: Householder QR of the local block."""
+    m, n = A.shape[-2:] if shape is None else shape
     r = min(rank, m, n)
     l = min(rank + oversample, m, n)
     if generator is None:
@@ -250,14 +260,20 @@ def _subspace_iteration(
     if init is not None:
         omega = _warm_test_matrix(init, omega, dtype)
 
-    Q = torch.linalg.qr(apply(omega)).Q
+    def left(Y: Tensor) -> Tensor:  # orthonormal basis of an m-side block
+        return torch.linalg.qr(Y).Q if orth is None else orth(Y)[0]
+
+    Q = left(apply(omega))
     for _ in range(niter):
         Q = torch.linalg.qr(apply_t(Q)).Q
-        Q = torch.linalg.qr(apply(Q)).Q
+        Q = left(apply(Q))
     if lp is None:
         return _small_svd(Q, apply_t(Q).mT, r)
     Q = Q.to(lp).to(dtype)  # the basis the product sees, exactly
     B = apply_t(Q).mT
+    if orth is not None:  # Q' = Q̃ T orthonormal: Q'ᵀ A = Tᵀ Q̃ᵀ A
+        Q, T = orth(Q)
+        return _small_svd(Q, T.mT.to(B.dtype) @ B, r)
     # Q̃ = Q' Lᵀ with Q' orthonormal: Q'ᵀ A = L⁻¹ Q̃ᵀ A (module doc, *Mixed precision*)
     L = torch.linalg.cholesky_ex(Q.mT @ Q).L  # QᵀQ = I + O(2⁻⁹): float32 is ample
     B = torch.linalg.solve_triangular(L, B, upper=False)

@@ -689,14 +689,13 @@ def test_lora_state_round_trip_keeps_the_previous_direction():
     assert val(rb, "update_norm", name) == pytest.approx(1.5 * 2.0 * float((B @ A).norm()), rel=1e-5)
 
 
-def test_sharded_parameters_are_skipped_with_a_clear_warning(caplog):
-    """ZeRO-3 partitions (ds_id, shape [0]) are not monitored, and the monitor says why."""
+def test_sharded_parameters_outside_a_distributed_job_are_a_clear_error():
+    """A ZeRO-3-like partition (ds_id, shape [0]) needs its process group to be measured."""
     model = nn.ModuleDict({"q_proj": nn.Linear(6, 4, bias=False), "k_proj": nn.Linear(6, 4, bias=False)})
-    model["k_proj"].weight.ds_id = 7  # what DeepSpeed ZeRO-3 attaches to a partitioned parameter
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-    mon = SpectralMonitor(model)
-    assert [s.name for s in mon.specs] == ["q_proj"]
-    assert any("sharded" in rec.getMessage() and "k_proj" in rec.getMessage() for rec in caplog.records)
+    weight = model["k_proj"].weight
+    weight.ds_id, weight.ds_shape, weight.ds_tensor = 7, (4, 6), torch.zeros(12)  # what ZeRO-3 attaches
+    with pytest.raises(ConfigError, match="sharded .* torch.distributed is not initialised"):
+        SpectralMonitor(model)
 
 
 # ------------------------------------------------------------------ bf16 sketches (sketch_dtype)

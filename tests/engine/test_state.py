@@ -67,7 +67,7 @@ def test_remember_keeps_subspaces_of_finite_non_zero_updates_only():
         LayerResult(dict(tail), zero=True),
         LayerResult({"nonfinite": 1.0}, finite=False),
     ]
-    remember(states, dec, results, (40, 40), cfg, sketched=True)
+    remember(states, dec, results, (40, 40), cfg, warm=True, adapt=True)
     assert torch.equal(states[0].prev_u, dec.U[0, :, :2]) and torch.equal(states[0].prev_v, dec.V[0])
     assert states[0].rank == 10  # doubled, capped at a quarter of the smaller side
     for st in states[1:]:
@@ -78,8 +78,8 @@ def test_remember_exact_or_full_spectrum_updates_do_not_adapt():
     cfg = MonitorConfig(align_k=2)
     res = [LayerResult({"alpha_tail": 8.0, "alpha_ks": 0.05}, covered=False)]
     exact = [LayerState(rank=8)]
-    remember(exact, _dec(1, 100, 100, 8), res, (100, 100), cfg, sketched=False)  # LoRA: no warm start
+    remember(exact, _dec(1, 100, 100, 8), res, (100, 100), cfg, warm=False, adapt=False)  # LoRA: no warm start
     assert exact[0].prev_v is None and exact[0].prev_u is not None and exact[0].rank == 8
     full = [LayerState(rank=8)]
-    remember(full, _dec(1, 100, 100, 8, spectrum=True), res, (100, 100), cfg, sketched=True)
+    remember(full, _dec(1, 100, 100, 8, spectrum=True), res, (100, 100), cfg, warm=True, adapt=True)
     assert full[0].prev_v is not None and full[0].rank == 8
