@@ -23,6 +23,8 @@ _EXTRAS = {
     "powerlaw": "dev",
     "weightwatcher": "dev",
     "deepspeed": "deepspeed",
+    "wandb_workspaces": "dashboards",
+    "playwright": "dev",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "BaseMismatchError",
+    "CheckpointError",
     "ConfigError",
     "MissingDependencyError",
     "NonFiniteError",
@@ -29,3 +30,7 @@ class NonFiniteError(SpectralMonitorError, FloatingPointError):
 
 class MissingDependencyError(SpectralMonitorError, ImportError):
     """An optional package is missing; the message names the extra to install."""
+
+
+class CheckpointError(SpectralMonitorError, ValueError):
+    """A checkpoint or adapter on disk cannot be read or compared; the message names the file and tensor."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LayerSpec", "LoraAdapter", "select_layers"]
+__all__ = ["LayerSpec", "LoraAdapter", "layer_depth", "layer_type", "select_layers"]
 
 # Never monitored by "all-linear": embeddings, output and classifier heads (any module named
 # ``head`` or ``<something>_head``), poolers.
@@ -135,14 +135,16 @@ def _is_lora(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "lora_B") and hasattr(module, "get_base_layer")
 
 
-def _layer_type(name: str) -> str:
+def layer_type(name: str) -> str:
+    """q/k/v/o/qkv/gate/up/down from a module name's last component(s), else ``other``."""
     for typ, pattern in _TYPE_PATTERNS:
         if re.search(r"(^|\.)" + pattern, name):
             return typ
     return "other"
 
 
-def _depth(name: str) -> int | None:
+def layer_depth(name: str) -> int | None:
+    """The block index in a module name (``...h.3.attn`` -> 3), None without one."""
     match = re.search(r"\.(\d+)(\.|$)", name)
     return int(match.group(1)) if match else None
 
@@ -165,14 +167,14 @@ def _spec(name: str, module: nn.Module) -> LayerSpec | None:
             return None
         rows, cols = _stored_shape(base)
         shape = (cols, rows) if _is_conv1d(base) else (rows, cols)
-        return LayerSpec(name, module, "lora", f"{name}.base_layer.weight", shape, _layer_type(name), _depth(name))
+        return LayerSpec(name, module, "lora", f"{name}.base_layer.weight", shape, layer_type(name), layer_depth(name))
     if isinstance(module, nn.Linear):
         return LayerSpec(
-            name, module, "dense", f"{name}.weight", _stored_shape(module), _layer_type(name), _depth(name)
+            name, module, "dense", f"{name}.weight", _stored_shape(module), layer_type(name), layer_depth(name)
         )
     if _is_conv1d(module):
         rows, cols = _stored_shape(module)
-        return LayerSpec(name, module, "conv1d", f"{name}.weight", (cols, rows), _layer_type(name), _depth(name))
+        return LayerSpec(name, module, "conv1d", f"{name}.weight", (cols, rows), layer_type(name), layer_depth(name))
     return None
 
 
