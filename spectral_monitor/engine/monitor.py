@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -50,6 +51,14 @@ BASE_NITER = 3
 INTRUDER_TOP = 10
 #: ΔW's top right vectors added to W_0's in the intruder sketch of W_t
 INTRUDER_OVERSAMPLE = 5
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A CUDA or host allocation failure (the retry is worth it), not any other error."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate" in text)
 
 
 def _is_sharded(p: torch.Tensor) -> bool:
@@ -196,7 +205,7 @@ class SpectralMonitor:
                     prefetch = self._start_prefetch(prefetch, batches[i + 1])
                 try:
                     with record_function(f"spectral_monitor.{batch.kind}"):
-                        results.update(self._measure_batch(batch, step, full, prefetch, report))
+                        results.update(self._measure_or_retry(batch, step, full, prefetch, report))
                 except Exception as exc:  # never hurt the training run
                     if cfg.strict:
                         raise
@@ -237,6 +246,40 @@ class SpectralMonitor:
             report.skipped[spec.name] = reason
             self._warn_once(f"replaced:{spec.name}", f"spectral_monitor: {spec.name} is not measured: {reason}")
         return out
+
+    def _measure_or_retry(
+        self, batch: Batch, step: int, full: bool, prefetch: Prefetch | None, report: StepReport
+    ) -> dict[str, LayerResult]:
+        """:meth:`_measure_batch`, and after running out of memory again with half the batch, down to
+        one layer, then that layer on the CPU; what still does not fit raises (and is skipped)."""
+        try:
+            return self._measure_batch(batch, step, full, prefetch, report)
+        except Exception as exc:
+            if not _out_of_memory(exc):
+                raise
+            self._workspace.flat.clear()
+            if batch.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(batch.specs) > 1:
+                self._warn_once(
+                    "oom:split",
+                    f"spectral_monitor: out of memory on {len(batch.specs)} layers at once; smaller batches",
+                )
+                half = len(batch.specs) // 2
+                out: dict[str, LayerResult] = {}
+                for part in (batch.specs[:half], batch.specs[half:]):
+                    out.update(self._measure_or_retry(replace(batch, specs=part), step, full, None, report))
+                return out
+            if batch.device.type != "cpu":
+                self._warn_once("oom:cpu", f"spectral_monitor: out of memory on {batch.device}; this layer on the CPU")
+                cpu = torch.device("cpu")
+                on_cpu = replace(
+                    batch,
+                    device=cpu,
+                    sketch_dtype=self.planner.sketch_dtype(cpu, full, batch.shape[0] * batch.shape[1]),
+                )
+                return self._measure_or_retry(on_cpu, step, full, None, report)
+            raise
 
     def _measure_sharded(self, specs: Sequence[LayerSpec], step: int, report: StepReport) -> dict[str, LayerResult]:
         """The dense layers of a distributed run, with every rank (collective; see ``sharded.py``)."""

@@ -919,3 +919,39 @@ def test_no_layer_left_says_which_option_removed_them(caplog):
     caplog.set_level(logging.WARNING, logger=LOGGER)
     assert SpectralMonitor(model, layers="re:.", exclude="dense").specs == []
     assert any("exclude=['dense'] removes all 1 layers" in r.getMessage() for r in caplog.records)
+
+
+def test_out_of_memory_retries_smaller_batches_then_skips(monkeypatch, caplog):
+    """An allocation failure on a batch of four layers: halves, then single layers, measured exactly
+    as before; a layer that still does not fit (on the CPU) is skipped, each step said once."""
+    m, n = 64, 48
+    model = nn.ModuleDict({f"l{i}": nn.Linear(n, m, bias=False) for i in range(4)})
+    ref = SpectralMonitor(model, layers="re:.", rank=4)
+    mon = SpectralMonitor(model, layers="re:.", rank=4)
+    ref.snapshot()
+    mon.snapshot()
+    with torch.no_grad():
+        for i, layer in enumerate(model.values()):
+            layer.weight.add_((i + 1) * 0.1 * torch.outer(unit(m, i), unit(n, i + 7)).float())
+    want = ref.measure(1)
+    real = updates_mod.randomized_svd
+
+    def tight(A, rank, **kw):
+        if A.dim() == 3 and A.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(A, rank, **kw)
+
+    monkeypatch.setattr(updates_mod, "randomized_svd", tight)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    got = mon.measure(1)
+    assert not got.skipped
+    for name in model:
+        assert val(got, "sigma1", name) == pytest.approx(val(want, "sigma1", name), rel=1e-5)
+    assert len([r for r in caplog.records if "out of memory" in r.getMessage()]) == 1
+
+    def never(A, rank, **kw):
+        raise MemoryError()
+
+    monkeypatch.setattr(updates_mod, "randomized_svd", never)
+    again = mon.measure(2)
+    assert set(again.skipped) == set(model) and all("MemoryError" in r for r in again.skipped.values())
