@@ -55,6 +55,11 @@ class MonitorConfig:
         ``base_store``: where W_0 lives (``auto``: reference model or LoRA factors when present,
         else ``device``); ``base_dir`` for ``disk``. ``memory_budget_mb`` bounds the working
         set (ΔW buffers) of one batch of same-shape layers.
+    Threads
+        ``threads``: the most PyTorch CPU intra-op threads a measurement uses (never more than the
+        process's own; the caller's count is restored after it); None: the process's setting. A
+        measurement is many tiny operations, and with several threads each one waits for every
+        thread's turn on a shared CPU (docs/faq.md).
     Safety
         ``strict=True`` raises errors from inside the monitor instead of logging them once
         and skipping the measurement.
@@ -91,6 +96,7 @@ class MonitorConfig:
     device: str | None = None
     memory_budget_mb: int = 1024
     seed: int = 0
+    threads: int | None = 1
     strict: bool = False
 
     def __post_init__(self) -> None:
@@ -139,6 +145,10 @@ class MonitorConfig:
             raise ConfigError(f"MonitorConfig.schedule must be callable(step) -> bool, got {self.schedule!r}")
         if self.device is not None:
             _check_device(self.device)
+        if self.threads is not None and (
+            not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
+        ):
+            raise ConfigError(f"MonitorConfig.threads must be None or a positive int, got {self.threads!r}")
 
     def is_scheduled(self, step: int) -> bool:
         """True when optimizer step ``step`` is on the fixed schedule (``schedule(step)``, else a

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from spectral_monitor._threads import measurement_threads
 from spectral_monitor.config import MonitorConfig, build_config
 from spectral_monitor.engine.metrics import Decomposition, LayerResult, aggregate, layer_values
 from spectral_monitor.engine.plan import Batch, Planner
@@ -197,7 +198,8 @@ class SpectralMonitor:
         batches = self.planner.batches(local, lambda s: self._state(s).rank, full)
         prefetch = self._prefetcher()
         results: dict[str, LayerResult] = {}
-        with torch.no_grad():
+        on_cpu = any(b.device.type == "cpu" for b in batches) or self._sharded is not None
+        with torch.no_grad(), measurement_threads(cfg.threads if on_cpu else None):
             if self._sharded is not None:
                 results.update(self._measure_sharded(specs, step, report))
             for i, batch in enumerate(batches):

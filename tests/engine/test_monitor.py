@@ -955,3 +955,28 @@ def test_out_of_memory_retries_smaller_batches_then_skips(monkeypatch, caplog):
     monkeypatch.setattr(updates_mod, "randomized_svd", never)
     again = mon.measure(2)
     assert set(again.skipped) == set(model) and all("MemoryError" in r for r in again.skipped.values())
+
+
+def test_a_measurement_runs_on_one_cpu_thread_and_restores_the_callers(monkeypatch):
+    seen = []
+    real = updates_mod.randomized_svd
+
+    def spy(A, rank, **kw):
+        seen.append(torch.get_num_threads())
+        return real(A, rank, **kw)
+
+    monkeypatch.setattr(updates_mod, "randomized_svd", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        mon = SpectralMonitor(single(16, 12), rank=4)
+        mon.snapshot()
+        mon.measure(1)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        free = SpectralMonitor(single(16, 12), rank=4, threads=None)
+        free.snapshot()
+        free.measure(1)
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
