@@ -30,7 +30,13 @@ from spectral_monitor.probes import Probe, ProbeResult
 from spectral_monitor.records import Alert, StepReport
 from spectral_monitor.run import Decision, MonitorRun
 from spectral_monitor.sinks import ConsoleSink, JsonlSink, MemorySink, TensorBoardSink, WandbSink, read_jsonl
-from spectral_monitor.substitution import SubstitutionOptions, rank_k_probe, substitute_, substituted
+from spectral_monitor.substitution import (
+    PeriodicSubstitution,
+    SubstitutionOptions,
+    rank_k_probe,
+    substitute_,
+    substituted,
+)
 
 __version__ = "0.1.0"
 
@@ -52,6 +58,7 @@ __all__ = [
     "MonitorRun",
     "NonFiniteError",
     "NonFiniteWeights",
+    "PeriodicSubstitution",
     "Probe",
     "ProbeResult",
     "Rank1Collapse",

@@ -27,6 +27,7 @@ from spectral_monitor.probes import Probe
 from spectral_monitor.records import StepReport
 from spectral_monitor.schedule import Schedule
 from spectral_monitor.sinks.base import Sink
+from spectral_monitor.substitution import PeriodicSubstitution
 
 __all__ = ["Decision", "MonitorRun"]
 
@@ -70,7 +71,9 @@ class MonitorRun:
     ``rules``: alert rules (default :func:`~spectral_monitor.alerts.default_rules`);
     ``early_stop``: let fired rules request a stop; ``probe``: a held-out
     :class:`~spectral_monitor.probes.Probe` (or its batches) measured against the base at every
-    measurement, into ``report.probes`` (what ``knowledge_loss`` judges). Other keyword arguments
+    measurement, into ``report.probes`` (what ``knowledge_loss`` judges); ``substitution``: a
+    :class:`~spectral_monitor.substitution.PeriodicSubstitution` (rank-k substitution on the
+    measurement steps, kept or evaluated and restored). Other keyword arguments
     build the :class:`MonitorConfig` when ``config`` is not given.
     """
 
@@ -85,6 +88,7 @@ class MonitorRun:
         reference: nn.Module | None = None,
         is_main: bool | None = None,
         probe: Probe | Sequence[Mapping[str, Any]] | None = None,
+        substitution: PeriodicSubstitution | None = None,
         **kwargs: Any,
     ) -> None:
         self.monitor = SpectralMonitor(model, build_config(config, kwargs, owner="MonitorRun"), reference=reference)
@@ -92,6 +96,7 @@ class MonitorRun:
         self.sinks = list(sinks)
         self.rules = list(default_rules() if rules is None else rules)
         self.probe = probe if probe is None or isinstance(probe, Probe) else Probe(probe)
+        self.substitution = substitution
         self.early_stop = early_stop
         self.is_main = (self.monitor.group is None or dist.get_rank() == 0) if is_main is None else is_main
         self.schedule = Schedule(self.config, len(self.monitor.specs))
@@ -122,6 +127,7 @@ class MonitorRun:
                     "early_stop": self.early_stop,
                     "layers_monitored": [s.name for s in self.monitor.specs],
                     "base": self.monitor.store.describe() if self.monitor.store else {"kind": "lora"},
+                    "probe_base": self.probe.base.as_dict() if self.probe is not None and self.probe.base else None,
                 },
             )
 
@@ -181,6 +187,8 @@ class MonitorRun:
         for key, value in self.context.items():
             report.put(key, value)
         self._measure_probe(report)
+        if self.substitution is not None and self.substitution.due(step, final=final):
+            self._substitute(report)
         report.alerts, self.rule_states = evaluate(self.rules, self.rule_states, report, early_stop=self.early_stop)
         patience = {r.name: r.patience for r in self.rules}
         for alert in report.alerts:
@@ -253,6 +261,17 @@ class MonitorRun:
             self._warn_once(
                 f"probe:{type(exc).__name__}",
                 f"spectral_monitor: probe skipped at step {report.step}: {type(exc).__name__}: {exc}",
+            )
+
+    def _substitute(self, report: StepReport) -> None:
+        try:
+            report.probes.update(self.substitution.apply(self.monitor))
+        except Exception as exc:
+            if self.config.strict:
+                raise
+            self._warn_once(
+                f"substitution:{type(exc).__name__}",
+                f"spectral_monitor: substitution skipped at step {report.step}: {type(exc).__name__}: {exc}",
             )
 
     def _warn_once(self, key: str, message: str) -> None:

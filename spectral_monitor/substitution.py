@@ -57,7 +57,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -70,7 +70,15 @@ from spectral_monitor.layers import LayerSpec
 from spectral_monitor.records import PREFIX
 from spectral_monitor.snapshot import strip_wrappers
 
-__all__ = ["LayerSubstitution", "SubstitutionInfo", "SubstitutionOptions", "rank_k_probe", "substitute_", "substituted"]
+__all__ = [
+    "LayerSubstitution",
+    "PeriodicSubstitution",
+    "SubstitutionInfo",
+    "SubstitutionOptions",
+    "rank_k_probe",
+    "substitute_",
+    "substituted",
+]
 
 log = logging.getLogger("spectral_monitor")
 
@@ -266,6 +274,58 @@ def rank_k_probe(
                 gain = full[name] - base[name]
                 out[f"{prefix}/rank{k}{tag}/{name}_share"] = (v - base[name]) / gain if gain != 0 else math.nan
     return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeriodicSubstitution:
+    """Rank-k substitution on the monitor's measurement steps (``MonitorRun(substitution=...)``).
+
+    ``every``: substitute at the measurements of every ``every``-th optimizer step (None: only at
+    the last one). ``keep=True`` is the paper's training-time intervention: every monitored ΔW is
+    replaced by its rank-``rank`` part and training continues from there (the optimizer state is
+    left as it was); ``keep=False`` only evaluates the substituted model and restores the weights
+    bit for bit. ``evaluate(model) -> {name: value}`` is called before and after the substitution:
+    the report's probes get ``substitution/full/<name>``, ``substitution/rank<k>/<name>`` and the
+    energy share kept, ``substitution/energy_share``. ``options``: the other
+    :class:`SubstitutionOptions` fields (``rescale``, ``exact``, ...).
+
+    Cost per substitution: one randomized SVD per monitored layer (about one measurement) plus two
+    ``evaluate`` calls.
+    """
+
+    every: int | None = None
+    rank: int = 1
+    keep: bool = True
+    evaluate: Callable[[nn.Module], Mapping[str, Any]] | None = field(default=None, compare=False)
+    options: SubstitutionOptions | None = None
+
+    def __post_init__(self) -> None:
+        _check_rank(self.rank)
+        if self.every is not None and (not isinstance(self.every, int) or self.every < 1):
+            raise ValueError(f"every must be None or an int >= 1, got every={self.every!r}")
+
+    def due(self, step: int, *, final: bool) -> bool:
+        """Substitute at this measurement?"""
+        return final if self.every is None else step % self.every == 0
+
+    def apply(self, monitor: Any) -> dict[str, float]:
+        """Evaluate, substitute (kept or restored), evaluate again; the probe values to log."""
+        mon = _as_monitor(monitor)
+        options = replace(self.options or SubstitutionOptions(), rank=self.rank)
+        tag = f"rank{self.rank}"
+        out: dict[str, float] = {}
+        if self.evaluate is not None:
+            out.update({f"substitution/full/{k}": v for k, v in _floats(self.evaluate(mon.model), "full").items()})
+        if self.keep:
+            info = substitute_(mon, options=options)
+            after = _floats(self.evaluate(mon.model), tag) if self.evaluate is not None else {}
+        else:
+            with substituted(mon, options=options) as info:
+                after = _floats(self.evaluate(mon.model), tag) if self.evaluate is not None else {}
+        out.update({f"substitution/{tag}/{k}": v for k, v in after.items()})
+        out["substitution/energy_share"] = info.energy_share
+        out["substitution/skipped"] = float(len(info.skipped))
+        return out
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -72,7 +72,9 @@ class SpectralMonitorCallback(transformers.TrainerCallback):
     ``(prompt, reference)`` pairs (tokenized with the trainer's ``processing_class``), dataset rows
     (text fields, or examples collated with the trainer's data collator), batches of tensors, or a
     :class:`~spectral_monitor.probes.Probe`. ``log_layers``: also send per-layer scalars (hundreds
-    of keys) to W&B/TensorBoard; the per-layer table and heatmaps go there anyway. ``trainer``:
+    of keys) to W&B/TensorBoard; the per-layer table and heatmaps go there anyway. ``substitution``:
+    a :class:`~spectral_monitor.substitution.PeriodicSubstitution` (the paper's periodic rank-1
+    substitution while training, or an evaluation of the rank-k model). ``trainer``:
     the trainer (optional, see the module doc). After training, ``run`` holds the
     :class:`MonitorRun` and ``last_decision`` the last measurement.
     """
@@ -89,6 +91,7 @@ class SpectralMonitorCallback(transformers.TrainerCallback):
         trainer: Any = None,
         probe: Any = None,
         log_layers: bool = False,
+        substitution: Any = None,
         **kwargs: Any,
     ) -> None:
         self.session = MonitorSession(
@@ -99,6 +102,7 @@ class SpectralMonitorCallback(transformers.TrainerCallback):
             report_to_sinks=report_to_sinks,
             probe=probe,
             log_layers=log_layers,
+            substitution=substitution,
             **kwargs,
         )
         self.config = self.session.config

@@ -48,7 +48,8 @@ class SpectralMonitorCallback(L.Callback):
     ``rules`` / ``early_stop`` as in :class:`~spectral_monitor.run.MonitorRun`; ``probe``: held-out
     batches (dicts of tensors the module's ``forward`` takes as keyword arguments, returning logits)
     or a :class:`~spectral_monitor.probes.Probe`, measured against the base for ``knowledge_loss``;
-    ``log_layers``: also send per-layer scalars to the loggers (the table and heatmaps go anyway).
+    ``log_layers``: also send per-layer scalars to the loggers (the table and heatmaps go anyway);
+    ``substitution``: a :class:`~spectral_monitor.substitution.PeriodicSubstitution`.
     ``last_decision`` holds the latest measurement's :class:`~spectral_monitor.run.Decision`.
     """
 
@@ -62,6 +63,7 @@ class SpectralMonitorCallback(L.Callback):
         report_to_sinks: bool = True,
         probe: Any = None,
         log_layers: bool = False,
+        substitution: Any = None,
         **kwargs: Any,
     ) -> None:
         self.session = MonitorSession(
@@ -72,6 +74,7 @@ class SpectralMonitorCallback(L.Callback):
             report_to_sinks=report_to_sinks,
             probe=probe,
             log_layers=log_layers,
+            substitution=substitution,
             **kwargs,
         )
         self.config = self.session.config

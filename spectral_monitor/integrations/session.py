@@ -29,6 +29,7 @@ from spectral_monitor.run import Decision, MonitorRun
 from spectral_monitor.sinks.base import Sink
 from spectral_monitor.sinks.jsonl import JsonlSink
 from spectral_monitor.snapshot import load_store, persist
+from spectral_monitor.substitution import PeriodicSubstitution
 
 __all__ = ["MONITOR_DIR", "MonitorSession"]
 
@@ -44,7 +45,8 @@ class MonitorSession:
     sinks; ``report_to_sinks=False`` turns the automatic JSONL and backend sinks off;
     ``rules``/``early_stop`` as in :class:`MonitorRun`; ``probe``: anything
     :func:`~spectral_monitor.probes.make_probe` takes (texts, rows, batches, a dataset, a ``Probe``);
-    ``log_layers``: also send per-layer scalars to W&B/TensorBoard (tables and heatmaps always go).
+    ``log_layers``: also send per-layer scalars to W&B/TensorBoard (tables and heatmaps always go);
+    ``substitution``: a :class:`~spectral_monitor.substitution.PeriodicSubstitution`.
     """
 
     def __init__(
@@ -57,9 +59,11 @@ class MonitorSession:
         report_to_sinks: bool = True,
         probe: Any = None,
         log_layers: bool = False,
+        substitution: PeriodicSubstitution | None = None,
         **kwargs: Any,
     ) -> None:
         self.probe_spec = probe
+        self.substitution = substitution
         self.log_layers = log_layers
         self.config = build_config(config, kwargs, owner="SpectralMonitorCallback")
         self.extra_sinks = list(sinks or [])
@@ -107,6 +111,7 @@ class MonitorSession:
             reference=reference,
             is_main=is_main,
             probe=probe,
+            substitution=self.substitution,
         )
         return self.run
 

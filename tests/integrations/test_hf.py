@@ -422,3 +422,40 @@ def test_a_minilm_run_sends_a_short_overview_to_wandb_by_default(tmp_path, monke
     assert {"spectral/layers", "spectral/heatmap_table/rho1"} <= default
     assert not any(k.startswith(("spectral/rho1/", "spectral/model/")) for k in default)  # no second copy
     assert len([k for k in layers if k.startswith("spectral/rho1/")]) == 36
+
+
+class Snapshot(transformers.TrainerCallback):
+    """Copies every parameter at ``on_step_end`` of the steps in ``at`` (placed before and after the monitor)."""
+
+    def __init__(self, at: set[int]) -> None:
+        self.at, self.states = at, {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.at:
+            self.states[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.slow
+def test_periodic_rank1_substitution_in_a_trainer_keeps_the_rank1_part_and_nothing_else(tmp_path, tiny_gpt2):
+    from spectral_monitor import PeriodicSubstitution
+
+    model = tiny_gpt2()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before, after = Snapshot({4, 8}), Snapshot({4, 8})
+    cb = SpectralMonitorCallback(every_n_steps=4, substitution=PeriodicSubstitution(every=4, rank=1, keep=True))
+    args = make_args(tmp_path, max_steps=8)
+    transformers.Trainer(model=model, args=args, train_dataset=AdditionLM(), callbacks=[before, cb, after]).train()
+    monitored = {s.param_name for s in cb.run.monitor.specs}
+    for step in (4, 8):
+        pre, post = before.states[step], after.states[step]
+        for name, value in post.items():
+            if name not in monitored:
+                assert torch.equal(value, pre[name]), name  # biases, norms, embeddings: as trained
+                continue
+            delta = (value - base[name]).double()
+            s = torch.linalg.svdvals(delta)
+            assert s[1] < 1e-5 * s[0], name  # rank 1 after the substitution
+            s_pre = torch.linalg.svdvals((pre[name] - base[name]).double())
+            assert s[0] == pytest.approx(float(s_pre[0]), rel=1e-3)  # the top singular value is kept
+    report = cb.last_decision.report
+    assert 0 < report.probes["substitution/energy_share"] < 1

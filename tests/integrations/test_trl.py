@@ -260,7 +260,7 @@ def test_lora_policy_needs_no_snapshot(tmp_path, tiny_gpt2, char_tokenizer):
 @pytest.mark.slow
 def test_recipe_trl_grpo_quick(tmp_path):
     proc = run_recipe("trl_grpo", tmp_path)
-    assert "held-out exact match" in proc.stdout and "reward (step: mean)" in proc.stdout
+    assert "held-out addition exact match" in proc.stdout and "probe (subtraction): KL to base" in proc.stdout
     assert [r.step for r in jsonl(tmp_path)] == [1, 2, 4]
 
 
