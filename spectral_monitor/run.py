@@ -105,16 +105,26 @@ class MonitorRun:
         self._started = False
         self._finished = False
         self._fresh_base = False  # the base was taken by start(), not restored from a checkpoint
+        self._disabled: str | None = None  # why the monitor is off for this run
         self._warned: set[str] = set()
         self._broken: set[int] = set()
 
     # -------------------------------------------------------------- lifecycle
-    def start(self, *, snapshot: bool = True) -> None:
+    def start(self, *, snapshot: bool = True, resumed: bool = False) -> None:
         """Take the base (unless one is set or ``snapshot=False``) and start the sinks (also after
-        :meth:`finish`, which stops measuring until the next ``start``)."""
+        :meth:`finish`, which stops measuring until the next ``start``). ``resumed``: a resumed
+        training run (its base, when one is taken now, is late on purpose). A base that cannot be
+        taken (e.g. an unwritable ``base_dir``) turns the monitor off for the run, with one warning."""
         if snapshot and not self.monitor.has_base:
-            self.monitor.snapshot()
-            self._fresh_base = self.monitor.measurements == 0
+            try:
+                self.monitor.snapshot()
+            except Exception as exc:
+                if self.config.strict:
+                    raise
+                self._disabled = f"the base could not be taken ({type(exc).__name__}: {exc})"
+                log.warning("spectral_monitor: %s; the monitor is off for this run", self._disabled)
+                return
+            self._fresh_base = self.monitor.measurements == 0 and not resumed
         self._start_probe()
         self.schedule.begin(time.perf_counter())
         self._finished = False
@@ -152,6 +162,8 @@ class MonitorRun:
     def on_optimizer_step(self, step: int, *, final: bool = False) -> Decision:
         """Call after every optimizer step with the step's number (counted from 1, or from 0)."""
         t0 = time.perf_counter()
+        if self._disabled is not None:
+            return Decision()
         self.schedule.tick(t0)
         if self._finished:
             self._warn_once("finished", "spectral_monitor: on_optimizer_step() after finish(): not measured")
@@ -195,7 +207,7 @@ class MonitorRun:
             # warn when a rule starts firing; while it keeps firing, the metric and sinks carry it
             newly = self.rule_states[alert.rule]["count"] == patience[alert.rule]
             log.log(logging.WARNING if newly else logging.DEBUG, alert.line())
-        measured = len(report.layers) + len(report.skipped)
+        measured = len(set(report.layers) | set(report.skipped))
         now = time.perf_counter()
         self.schedule.spent(now - t0, now)
         self.schedule.measured(step, now - t0, layers=measured)

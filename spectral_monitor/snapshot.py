@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -135,7 +137,15 @@ class DiskStore(BaseStore):
         from safetensors import safe_open
 
         self.path = Path(path)
-        self._file = safe_open(str(self.path), framework="pt", device="cpu")
+        try:
+            self._file = safe_open(str(self.path), framework="pt", device="cpu")
+            # the file is memory-mapped: reading past its end after it was truncated raises SIGBUS and
+            # kills the process, so every read first checks the size of the file that was opened
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except Exception as exc:
+            raise BaseMismatchError(f"base file {self.path} cannot be read: {type(exc).__name__}: {exc}") from None
+        weakref.finalize(self, os.close, self._fd)
+        self._size = os.fstat(self._fd).st_size
         self._keys = set(self._file.keys())
 
     @classmethod
@@ -152,7 +162,26 @@ class DiskStore(BaseStore):
         _check_match(specs, shapes, f"file {self.path}")
 
     def get(self, spec: LayerSpec, device: torch.device) -> Tensor:
-        return self._file.get_tensor(spec.param_name).to(device, non_blocking=True)
+        if os.fstat(self._fd).st_size < self._size:
+            raise BaseMismatchError(f"the base file {self.path} was truncated while in use")
+        try:
+            tensor = self._file.get_tensor(spec.param_name)
+        except Exception as exc:
+            raise BaseMismatchError(f"base file {self.path}, tensor {spec.param_name!r}: {exc}") from None
+        return tensor.to(device, non_blocking=True)
+
+    def verify(self) -> None:
+        """Raise :class:`BaseMismatchError` when the file's contents differ from the fingerprint its
+        manifest recorded when it was written (bytes changed on disk); no manifest: nothing to check."""
+        manifest = self.path.with_suffix(".json")
+        if not manifest.exists():
+            return
+        want = json.loads(manifest.read_text()).get("fingerprint")
+        got = fingerprint({k: self._file.get_tensor(k) for k in self._keys})
+        if want is not None and want != got:
+            raise BaseMismatchError(
+                f"base file {self.path} does not match the fingerprint in {manifest.name}: its contents changed on disk"
+            )
 
     def describe(self) -> dict:
         return {"kind": self.kind, "nbytes": 0, "path": str(self.path)}
@@ -231,7 +260,8 @@ def make_store(
     if kind == "disk":
         if base_dir is None:
             raise BaseMismatchError("base_store='disk' needs base_dir")
-        return DiskStore.snapshot(dense, Path(base_dir) / "base.safetensors")
+        # one file per run: a later run with the same base_dir must not replace this run's base
+        return DiskStore.snapshot(dense, Path(base_dir) / f"base-{uuid.uuid4().hex[:12]}.safetensors")
     raise BaseMismatchError(f"unknown base store {kind!r}")
 
 
@@ -253,6 +283,7 @@ def load_store(path: str | os.PathLike, kind: str, specs: list[LayerSpec]) -> Ba
     """Reopen a persisted base: memory-mapped for ``disk``, else loaded into a device/CPU store."""
     disk = DiskStore(path)
     disk.check(specs)
+    disk.verify()
     if kind == "disk":
         return disk
     dense = [s for s in specs if s.kind != "lora"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,7 +80,10 @@ def test_store_returns_exact_snapshot_after_training(model, kind, tmp_path):
         assert got.data_ptr() != spec.parameter().data_ptr()
     if kind == "disk":
         assert store.nbytes == 0
-        assert store.describe() == {"kind": "disk", "nbytes": 0, "path": str(tmp_path / "base.safetensors")}
+        described = store.describe()
+        assert described["kind"] == "disk" and described["nbytes"] == 0
+        path = Path(described["path"])  # one file per run in base_dir
+        assert path.parent == tmp_path and path.name.startswith("base-") and path.suffix == ".safetensors"
     else:
         assert store.nbytes == sum(t.numel() * 4 for t in before.values())
 

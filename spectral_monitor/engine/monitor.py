@@ -108,6 +108,8 @@ class SpectralMonitor:
         self._has_base = all(s.kind == "lora" for s in self.specs)
         self._layers: dict[str, LayerState] = {}
         self._warned: set[str] = set()
+        self._warned_nonfinite: set[str] = set()
+        self._non_finite: list[str] = []
         self._workspace = Workspace()
         self.measurements = 0
         self.last_step: int | None = None
@@ -191,6 +193,7 @@ class SpectralMonitor:
         t0 = time.perf_counter()
         report = StepReport(step=step)
         cfg = self.config
+        self._non_finite: list[str] = []  # layers found non-finite in this measurement
         full = cfg.full_every > 0 and (self.measurements + 1) % cfg.full_every == 0
         chosen = self.specs if layers is None else [s for s in self.specs if s.name in set(layers)]
         specs = self._attached(chosen, report)
@@ -217,6 +220,16 @@ class SpectralMonitor:
                     for name in names:
                         report.skipped.setdefault(name, reason)
         self._workspace.release()
+        new = [name for name in self._non_finite if name not in self._warned_nonfinite]
+        if new:  # one warning per measurement, for the layers that were not non-finite before
+            self._warned_nonfinite.update(new)
+            log.warning(
+                "spectral_monitor: NaN/Inf in %d layer(s) at step %d, e.g. %s; they are reported as non-finite and "
+                "not measured",
+                len(new),
+                step,
+                new[:3],
+            )
         for spec in self.specs:  # model order
             if spec.name in results:
                 report.layers[spec.name] = results[spec.name].values
@@ -233,20 +246,30 @@ class SpectralMonitor:
         return report
 
     def _attached(self, specs: Sequence[LayerSpec], report: StepReport) -> list[LayerSpec]:
-        """The layers still in the model; one that was replaced since the monitor was built (its
-        module is no longer at its name) is skipped: its base and history belong to the old module."""
+        """The layers still in the model as they were: one whose module was replaced since the
+        monitor was built, or whose weight changed shape, is skipped (its base belongs to the old one)."""
         out = []
         for spec in specs:
             try:
                 attached = self.model.get_submodule(spec.name) is spec.module
             except AttributeError:
                 attached = False
-            if attached:
+            if not attached:
+                reason = "the module was replaced after the monitor was built; its base belongs to the old one"
+            elif (
+                spec.kind != "lora"
+                and self._sharded is None
+                and tuple(spec.canonical(spec.parameter()).shape) != spec.shape
+            ):
+                shape = tuple(spec.canonical(spec.parameter()).shape)
+                reason = f"weight shape {shape} vs base {spec.shape}: the layer changed shape since the base was taken"
+                if self.config.strict:
+                    raise BaseMismatchError(f"layer {spec.name!r}: {reason}")
+            else:
                 out.append(spec)
                 continue
-            reason = "the module was replaced after the monitor was built; its base belongs to the old one"
             report.skipped[spec.name] = reason
-            self._warn_once(f"replaced:{spec.name}", f"spectral_monitor: {spec.name} is not measured: {reason}")
+            self._warn_once(f"gone:{spec.name}", f"spectral_monitor: layer {spec.name!r} is not measured: {reason}")
         return out
 
     def _measure_or_retry(
@@ -330,10 +353,15 @@ class SpectralMonitor:
             report.skipped[names[0]] = "no active LoRA adapter"
             return {}
         if not all(update.finite):
-            self._non_finite(batch, update, step)
+            bad = [s.name for s, ok in zip(batch.specs, update.finite) if not ok]
+            if self.config.strict:
+                raise NonFiniteError(f"non-finite values (NaN/Inf) in the weights or update of {bad} at step {step}")
+            self._non_finite.extend(bad)
         if not any(update.finite):
             for state in states:
                 state.prev_u = state.prev_v = None
+            for name in names:
+                report.skipped[name] = "non-finite weights (NaN/Inf)"
             return {name: LayerResult({"nonfinite": 1.0}, finite=False) for name in names}
         m, n = batch.shape
         gen = self._generator(batch.device, step)
@@ -416,16 +444,6 @@ class SpectralMonitor:
         )
         for state, u0, s0, v0 in zip(states, U0, S0.tolist(), V0):
             state.base_u, state.base_sigma1, state.base_v = u0, s0[0], v0
-
-    def _non_finite(self, batch: Batch, update: Update, step: int) -> None:
-        bad = [s.name for s, ok in zip(batch.specs, update.finite) if not ok]
-        if self.config.strict:
-            raise NonFiniteError(f"non-finite values (NaN/Inf) in the weights or update of {bad} at step {step}")
-        self._warn_once(
-            f"nonfinite:{bad}",
-            f"spectral_monitor: NaN/Inf in {bad} at step {step}; "
-            "these layers are reported as non-finite and not measured",
-        )
 
     def _state(self, spec: LayerSpec) -> LayerState:
         if spec.name not in self._layers:

@@ -179,8 +179,15 @@ class SpectralMonitorCallback(transformers.TrainerCallback):
         if state.global_step > 0:
             candidates = self._checkpoints(args, state, passed)
             saved_at = next((c for c in candidates if (c / STATE_FILE).exists()), None)
-            saved = torch.load(saved_at / STATE_FILE, map_location="cpu", weights_only=True) if saved_at else None
-            self.session.restore(saved, step=state.global_step, where=str(saved_at or candidates[0]))
+            where, saved = str(saved_at or candidates[0]), None
+            if saved_at is not None:
+                try:
+                    saved = torch.load(saved_at / STATE_FILE, map_location="cpu", weights_only=True)
+                except Exception as exc:  # a corrupt or truncated state file must not stop the resume
+                    if self.config.strict:
+                        raise
+                    where = f"{saved_at / STATE_FILE} (unreadable: {type(exc).__name__}: {exc})"
+            self.session.restore(saved, step=state.global_step, where=where)
         self.session.start()  # snapshots only when no base was restored
         return control
 

@@ -74,6 +74,8 @@ class MonitorSession:
         self.last_decision = Decision()
         self.folder = Path(MONITOR_DIR)
         self.base_path: Path | None = None
+        self._resumed = False
+        self._base_unwritable = False  # said once: a later checkpoint does not repeat it
 
     def begin(
         self,
@@ -93,6 +95,7 @@ class MonitorSession:
         ``tokenizer``, ``collate``, ``batch_size``: how the framework turns the probe into batches."""
         self.folder = Path(root).resolve() / MONITOR_DIR
         self.base_path = None
+        self._resumed = False
         sinks: list[Sink] = []
         if self.report_to_sinks:
             path = self.folder / "metrics.jsonl"
@@ -119,6 +122,7 @@ class MonitorSession:
         """Reopen the base and the monitor's state saved by :meth:`checkpoint_state` (``saved``;
         None when ``where`` had none). False, with one warning naming what is missing, when the run
         must measure from the resume point instead (the base is then taken at :meth:`start`)."""
+        self._resumed = True
         missing = f"no monitor state in {where}"
         if saved:
             recorded = saved.get("base_path")
@@ -150,7 +154,7 @@ class MonitorSession:
 
     def start(self) -> None:
         """Take the base unless :meth:`restore` reopened one, and start the sinks."""
-        self.run.start()
+        self.run.start(resumed=self._resumed)
 
     def step(self, step: int, *, final: bool) -> Decision:
         """Measure when due; the decision is kept as ``last_decision`` when something was measured."""
@@ -163,14 +167,22 @@ class MonitorSession:
         """The state to store in a checkpoint; on the main process the base is written once first
         (a failure to write it is logged, never raised: the checkpoint itself must not fail)."""
         store = self.run.monitor.store
-        if is_main and store is not None and store.kind != "reference" and self.base_path is None:
+        persistable = store is not None and store.kind not in ("reference", "sharded")
+        if is_main and persistable and self.base_path is None and not self._base_unwritable:
             path = self.folder / f"base-{uuid.uuid4().hex[:12]}.safetensors"
             try:
                 self.base_path = persist(store, self.run.monitor.specs, path)
             except Exception as exc:
                 if self.config.strict:
                     raise
-                log.warning("spectral_monitor: could not write the base to %s: %s: %s", path, type(exc).__name__, exc)
+                self._base_unwritable = True
+                log.warning(
+                    "spectral_monitor: could not write the base to %s (%s: %s); a resumed run will measure from "
+                    "its resume point",
+                    path,
+                    type(exc).__name__,
+                    exc,
+                )
         return {"run": self.run.state_dict(), "base_path": str(self.base_path) if self.base_path else None}
 
     def finish(self) -> None:

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from spectral_monitor._imports import is_available
 from spectral_monitor.records import PREFIX, layer_sort_key
 
-__all__ = ["heatmap_rgb"]
+__all__ = ["can_draw", "heatmap_rgb"]
+
+
+_SAID: set[str] = set()
+
+
+def can_draw() -> bool:
+    """True when matplotlib is installed; says once (per process) that heatmaps are off without it."""
+    if is_available("matplotlib"):
+        return True
+    if "matplotlib" not in _SAID:
+        _SAID.add("matplotlib")
+        logging.getLogger("spectral_monitor").warning(
+            "spectral_monitor: layer x step heatmaps need matplotlib: pip install 'spectral-monitor[report]'"
+        )
+    return False
 
 
 def heatmap_rgb(metric: str, rows: list[tuple[int, dict[str, float]]]) -> Any:

@@ -30,7 +30,8 @@ class JsonlSink:
     """Writes each report as one JSON line to ``path`` (opened in append mode).
 
     ``fsync=True`` also forces the line to disk (slower; survives a machine crash, not
-    just a process crash). A ``{"event": "start", ...}`` line records the config.
+    just a process crash). A ``{"event": "start", ...}`` line records the config. An existing file
+    is appended to; a torn last line (a process killed mid-write) is dropped first.
     """
 
     def __init__(self, path: str | os.PathLike, *, fsync: bool = False) -> None:
@@ -40,6 +41,7 @@ class JsonlSink:
 
     def start(self, run_config: Mapping[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _cut_torn_tail(self.path)
         self._fh = self.path.open("a", encoding="utf-8")
         self._write({"event": "start", "config": dict(run_config)})
 
@@ -58,6 +60,30 @@ class JsonlSink:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def _cut_torn_tail(path: Path, chunk: int = 1 << 16) -> None:
+    """Drop a half-written last line (a process killed mid-write), so appended records start on a
+    line of their own; every complete line is kept."""
+    if not path.exists():
+        return
+    with path.open("r+b") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return
+        end = size
+        while end > 0:  # the last newline, read backwards one chunk at a time
+            start = max(0, end - chunk)
+            fh.seek(start)
+            cut = fh.read(end - start).rfind(b"\n")
+            if cut >= 0:
+                fh.truncate(start + cut + 1)
+                return
+            end = start
+        fh.truncate(0)
 
 
 def _unclean(metrics: dict) -> dict:

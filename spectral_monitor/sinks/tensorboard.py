@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from spectral_monitor._imports import is_available, require
+from spectral_monitor._imports import require
 from spectral_monitor.records import LAYER_SCALARS, PREFIX, Alert, StepReport
-from spectral_monitor.sinks.heatmap import heatmap_rgb
+from spectral_monitor.sinks.heatmap import can_draw, heatmap_rgb
 
 __all__ = ["TensorBoardSink"]
 
@@ -131,7 +131,7 @@ class TensorBoardSink:
             if values:
                 rows.append((report.step, values))
         due = self.heatmap_every and (self._reports - 1) % self.heatmap_every == 0
-        if not due or not hasattr(self._writer, "add_image") or not is_available("matplotlib"):
+        if not due or not hasattr(self._writer, "add_image") or not can_draw():
             return
         for metric, rows in self._history.items():
             if rows:

@@ -37,10 +37,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from spectral_monitor._imports import is_available, require
+from spectral_monitor._imports import require
 from spectral_monitor.errors import ConfigError
 from spectral_monitor.records import PREFIX, Alert, StepReport, layer_sort_key
-from spectral_monitor.sinks.heatmap import heatmap_rgb
+from spectral_monitor.sinks.heatmap import can_draw, heatmap_rgb
 
 __all__ = ["WandbSink"]
 
@@ -167,7 +167,7 @@ class WandbSink:
             metrics = sorted({m for values in report.layers.values() for m in values})
             data = [[layer, *(values.get(m) for m in metrics)] for layer, values in report.layers.items()]
             out[f"{PREFIX}/layers"] = self._wandb.Table(columns=["layer", *metrics], data=data)
-        if is_available("matplotlib"):
+        if self._history and can_draw():
             for metric, rows in self._history.items():
                 if rows:
                     out[f"{PREFIX}/heatmap/{metric}"] = self._wandb.Image(heatmap_rgb(metric, rows))
