@@ -79,7 +79,7 @@ from harness import (
 from torch import nn
 
 from spectral_monitor import MonitorConfig, SpectralMonitor
-from spectral_monitor.engine.monitor import BASE_NITER, INTRUDER_OVERSAMPLE, INTRUDER_TOP
+from spectral_monitor.engine.pipeline import BASE_NITER, INTRUDER_OVERSAMPLE, INTRUDER_TOP
 from spectral_monitor.engine.state import COLD_OVERSAMPLE
 from spectral_monitor.functional import fit_power_law
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from spectral_monitor.checkpoints import TensorPair, open_checkpoint, plan_updates
 from spectral_monitor.config import MonitorConfig
 from spectral_monitor.engine.metrics import Decomposition, aggregate, layer_values
-from spectral_monitor.engine.monitor import BASE_NITER, INTRUDER_OVERSAMPLE, INTRUDER_TOP
+from spectral_monitor.engine.pipeline import BASE_NITER, INTRUDER_OVERSAMPLE, INTRUDER_TOP
 from spectral_monitor.engine.state import COLD_OVERSAMPLE, tail_may_continue
 from spectral_monitor.errors import MissingDependencyError, SpectralMonitorError
 from spectral_monitor.functional import (

@@ -62,7 +62,7 @@ def test_a_slow_model_and_a_fast_model():
 def test_an_expensive_measurement_is_split_into_round_robin_groups():
     """A full measurement needs 600 steps of budget, more than max_every=100: the layers are split
     into 6 groups, each measured every 6 measurements (100 steps apart), and the budget holds."""
-    sched, measured, groups = simulate(
+    sched, _measured, groups = simulate(
         MonitorConfig(max_every=100), step_s=0.1, cost_s=0.6, n_layers=24, steps=20000, first_cost=1.0
     )
     assert sched.groups == 6 and sched.gap == 100  # 0.6 / (0.01 * 0.1) = 600 steps

@@ -1,8 +1,8 @@
 """``SpectralMonitor(model).measure(step) -> StepReport``: one measurement as a short pipeline.
 
-choose layers (:mod:`.plan`) → produce ΔW or its factors per batch from the base store
-(:mod:`.updates`) → decompose (:mod:`spectral_monitor.functional`) → per-layer metrics and
-model aggregates (:mod:`.metrics`, pure) → update the per-layer state (:mod:`.state`).
+choose layers (:mod:`.plan`) → per batch (:mod:`.pipeline`): produce ΔW or its factors from the
+base store (:mod:`.updates`), decompose (:mod:`spectral_monitor.functional`), per-layer metrics
+(:mod:`.metrics`, pure), update the per-layer state (:mod:`.state`) → model aggregates.
 
 Random test matrices come from the monitor's own generator, seeded by step, so the training
 RNG is never touched. An error inside a batch is caught, logged once and reported as skipped
@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,20 +22,13 @@ from torch.profiler import record_function
 
 from spectral_monitor._threads import measurement_threads
 from spectral_monitor.config import MonitorConfig, build_config
-from spectral_monitor.engine.metrics import Decomposition, LayerResult, aggregate, layer_values
+from spectral_monitor.engine.metrics import LayerResult, aggregate
+from spectral_monitor.engine.pipeline import BatchPipeline
 from spectral_monitor.engine.plan import Batch, Planner
 from spectral_monitor.engine.sharded import ShardedMeasurement, world_group
-from spectral_monitor.engine.state import (
-    RANDOM_LIKE,
-    LayerState,
-    base_srank_ratio,
-    remember,
-    sketch_iterations,
-    warm_start,
-)
-from spectral_monitor.engine.updates import DenseUpdate, LoraUpdate, Prefetch, StreamedUpdate, Update, Workspace
-from spectral_monitor.errors import BaseMismatchError, ConfigError, NonFiniteError
-from spectral_monitor.functional import sketch_left_vectors
+from spectral_monitor.engine.state import RANDOM_LIKE, LayerState, base_srank_ratio
+from spectral_monitor.engine.updates import Prefetch
+from spectral_monitor.errors import BaseMismatchError, ConfigError
 from spectral_monitor.layers import LayerSpec, select_layers
 from spectral_monitor.records import StepReport
 from spectral_monitor.snapshot import BaseStore, DiskStore, make_store
@@ -44,22 +36,6 @@ from spectral_monitor.snapshot import BaseStore, DiskStore, make_store
 __all__ = ["SpectralMonitor"]
 
 log = logging.getLogger("spectral_monitor")
-
-#: power iterations for W_0's cached top-``base_k`` basis (at most): it serves alignments and the
-#: intruder test, which need its leading directions, not σ to a fraction of a percent
-BASE_NITER = 3
-#: W_t's top left vectors tested for intruders (Shuttleworth et al. 2024 use 10)
-INTRUDER_TOP = 10
-#: ΔW's top right vectors added to W_0's in the intruder sketch of W_t
-INTRUDER_OVERSAMPLE = 5
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """A CUDA or host allocation failure (the retry is worth it), not any other error."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate" in text)
 
 
 def _is_sharded(p: torch.Tensor) -> bool:
@@ -109,8 +85,7 @@ class SpectralMonitor:
         self._layers: dict[str, LayerState] = {}
         self._warned: set[str] = set()
         self._warned_nonfinite: set[str] = set()
-        self._non_finite: list[str] = []
-        self._workspace = Workspace()
+        self.pipeline = BatchPipeline(config, self.planner, self._state, self._warn_once)
         self.measurements = 0
         self.last_step: int | None = None
 
@@ -179,7 +154,7 @@ class SpectralMonitor:
     @property
     def workspace_bytes(self) -> int:
         """Bytes of the ΔW buffers kept between measurements (CPU; device buffers are released)."""
-        return self._workspace.nbytes
+        return self.pipeline.workspace.nbytes
 
     def layer_state(self, name: str) -> LayerState | None:
         """What the monitor remembers about layer ``name`` (None before its first measurement)."""
@@ -193,7 +168,7 @@ class SpectralMonitor:
         t0 = time.perf_counter()
         report = StepReport(step=step)
         cfg = self.config
-        self._non_finite: list[str] = []  # layers found non-finite in this measurement
+        self.pipeline.non_finite = []  # layers found non-finite in this measurement
         full = cfg.full_every > 0 and (self.measurements + 1) % cfg.full_every == 0
         chosen = self.specs if layers is None else [s for s in self.specs if s.name in set(layers)]
         specs = self._attached(chosen, report)
@@ -210,7 +185,7 @@ class SpectralMonitor:
                     prefetch = self._start_prefetch(prefetch, batches[i + 1])
                 try:
                     with record_function(f"spectral_monitor.{batch.kind}"):
-                        results.update(self._measure_or_retry(batch, step, full, prefetch, report))
+                        results.update(self.pipeline.measure(batch, self.store, step, full, prefetch, report))
                 except Exception as exc:  # never hurt the training run
                     if cfg.strict:
                         raise
@@ -219,8 +194,8 @@ class SpectralMonitor:
                     self._warn_once(reason, f"spectral_monitor: skipped {names} at step {step}: {reason}")
                     for name in names:
                         report.skipped.setdefault(name, reason)
-        self._workspace.release()
-        new = [name for name in self._non_finite if name not in self._warned_nonfinite]
+        self.pipeline.workspace.release()
+        new = [name for name in self.pipeline.non_finite if name not in self._warned_nonfinite]
         if new:  # one warning per measurement, for the layers that were not non-finite before
             self._warned_nonfinite.update(new)
             log.warning(
@@ -272,40 +247,6 @@ class SpectralMonitor:
             self._warn_once(f"gone:{spec.name}", f"spectral_monitor: layer {spec.name!r} is not measured: {reason}")
         return out
 
-    def _measure_or_retry(
-        self, batch: Batch, step: int, full: bool, prefetch: Prefetch | None, report: StepReport
-    ) -> dict[str, LayerResult]:
-        """:meth:`_measure_batch`, and after running out of memory again with half the batch, down to
-        one layer, then that layer on the CPU; what still does not fit raises (and is skipped)."""
-        try:
-            return self._measure_batch(batch, step, full, prefetch, report)
-        except Exception as exc:
-            if not _out_of_memory(exc):
-                raise
-            self._workspace.flat.clear()
-            if batch.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(batch.specs) > 1:
-                self._warn_once(
-                    "oom:split",
-                    f"spectral_monitor: out of memory on {len(batch.specs)} layers at once; smaller batches",
-                )
-                half = len(batch.specs) // 2
-                out: dict[str, LayerResult] = {}
-                for part in (batch.specs[:half], batch.specs[half:]):
-                    out.update(self._measure_or_retry(replace(batch, specs=part), step, full, None, report))
-                return out
-            if batch.device.type != "cpu":
-                self._warn_once("oom:cpu", f"spectral_monitor: out of memory on {batch.device}; this layer on the CPU")
-                cpu = torch.device("cpu")
-                on_cpu = replace(
-                    batch,
-                    device=cpu,
-                    sketch_dtype=self.planner.sketch_dtype(cpu, full, batch.shape[0] * batch.shape[1]),
-                )
-                return self._measure_or_retry(on_cpu, step, full, None, report)
-            raise
-
     def _measure_sharded(self, specs: Sequence[LayerSpec], step: int, report: StepReport) -> dict[str, LayerResult]:
         """The dense layers of a distributed run, with every rank (collective; see ``sharded.py``)."""
         names = {s.name for s in specs}
@@ -340,111 +281,6 @@ class SpectralMonitor:
                 report.skipped[spec.name] = "non-finite weights (NaN/Inf)"
         return out
 
-    def _measure_batch(
-        self, batch: Batch, step: int, full: bool, prefetch: Prefetch | None, report: StepReport
-    ) -> dict[str, LayerResult]:
-        """The pipeline for one batch: ΔW → SVD → W_0's basis (first time) → intruders → metrics → state."""
-        cfg = self.config
-        states = [self._state(s) for s in batch.specs]
-        names = [s.name for s in batch.specs]
-        with record_function("spectral_monitor.fill"):
-            update = self._produce(batch, states, full, prefetch)
-        if update is None:
-            report.skipped[names[0]] = "no active LoRA adapter"
-            return {}
-        if not all(update.finite):
-            bad = [s.name for s, ok in zip(batch.specs, update.finite) if not ok]
-            if self.config.strict:
-                raise NonFiniteError(f"non-finite values (NaN/Inf) in the weights or update of {bad} at step {step}")
-            self._non_finite.extend(bad)
-        if not any(update.finite):
-            for state in states:
-                state.prev_u = state.prev_v = None
-            for name in names:
-                report.skipped[name] = "non-finite weights (NaN/Inf)"
-            return {name: LayerResult({"nonfinite": 1.0}, finite=False) for name in names}
-        m, n = batch.shape
-        gen = self._generator(batch.device, step)
-        init = None if update.exact else warm_start(states, n, gen, batch.device)
-        niter, oversample = sketch_iterations(cfg, init)
-        if not update.exact and batch.rank > min(m, n):
-            self._warn_once(
-                f"clamp:{m}x{n}", f"spectral_monitor: rank {batch.rank} clamped to {min(m, n)} for {m}x{n} layers"
-            )
-        with record_function("spectral_monitor.svd"):
-            U, S, V = update.svd(batch.rank, niter=niter, oversample=oversample, init=init, generator=gen)
-        with record_function("spectral_monitor.base_basis"):
-            # an exact (LoRA) update draws nothing: W_0's basis gets the step-independent seed
-            self._cache_base(update, states, self._generator(batch.device, 0) if update.exact else gen)
-        Ut = None
-        if cfg.intruders:
-            with record_function("spectral_monitor.intruders"):
-                top = min(INTRUDER_TOP, m, n)
-                start = torch.cat(
-                    [torch.stack([s.base_v.to(batch.device) for s in states])[..., :top], V[..., :INTRUDER_OVERSAMPLE]],
-                    dim=-1,
-                )
-                Ut = sketch_left_vectors(update.weights(), start, top).to(batch.device)
-        with record_function("spectral_monitor.spectrum"):
-            spectrum = update.spectrum()
-        dec = Decomposition(U, S, V, update.fro, update.sparsity, spectrum, Ut)
-        with record_function("spectral_monitor.metrics"):
-            results = layer_values(
-                dec,
-                finite=update.finite,
-                base_u=torch.stack([s.base_u.to(batch.device) for s in states]),
-                base_fro=[s.base_fro for s in states],
-                prev_u=[s.prev_u for s in states],
-                shape=(m, n),
-                config=cfg,
-            )
-        remember(states, dec, results, (m, n), cfg, warm=not update.exact, adapt=not update.exact)
-        S_cpu = S.float().cpu()
-        for i, (name, res) in enumerate(zip(names, results)):
-            if res.finite:
-                report.spectra[name] = S_cpu[i]
-            else:
-                report.skipped[name] = "non-finite weights (NaN/Inf)"
-        return dict(zip(names, results))
-
-    def _produce(
-        self, batch: Batch, states: Sequence[LayerState], full: bool, prefetch: Prefetch | None
-    ) -> Update | None:
-        """ΔW of the batch, the way its kind needs (None: a LoRA layer without an active adapter)."""
-        cfg = self.config
-        if batch.kind == "lora":
-            factors = batch.specs[0].lora_factors()
-            update = None if factors is None else LoraUpdate(batch, factors)
-        elif batch.kind == "streamed":
-            update = StreamedUpdate(batch, self.store, eta=cfg.sparsity_eta, budget=self.planner.budget)
-        else:
-            need = [s.base_fro is None for s in states]
-            update = DenseUpdate(
-                batch,
-                self.store,
-                self._workspace,
-                eta=cfg.sparsity_eta,
-                need_base_fro=need,
-                full=full,
-                prefetch=prefetch,
-            )
-        if update is not None:
-            for state, value in zip(states, update.base_fro.tolist()):
-                if state.base_fro is None:
-                    state.base_fro = value
-        return update
-
-    def _cache_base(self, update: Update, states: Sequence[LayerState], gen: torch.Generator) -> None:
-        """W_0's top-``base_k`` singular vectors, taken once per layer (its first measurement)."""
-        if all(s.base_u is not None for s in states):
-            return
-        cfg = self.config
-        U0, S0, V0 = update.base_basis(
-            cfg.base_k, niter=min(cfg.niter, BASE_NITER), oversample=cfg.oversample, generator=gen
-        )
-        for state, u0, s0, v0 in zip(states, U0, S0.tolist(), V0):
-            state.base_u, state.base_sigma1, state.base_v = u0, s0[0], v0
-
     def _state(self, spec: LayerSpec) -> LayerState:
         if spec.name not in self._layers:
             self._layers[spec.name] = LayerState(rank=self.config.rank)
@@ -468,11 +304,6 @@ class SpectralMonitor:
                 raise
             self._warn_once("prefetch", f"spectral_monitor: base prefetch disabled ({type(exc).__name__}: {exc})")
             return None
-
-    def _generator(self, device: torch.device, step: int) -> torch.Generator:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(self.config.seed * 1_000_003 + step)
-        return gen
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -694,7 +694,7 @@ def test_sharded_parameters_outside_a_distributed_job_are_a_clear_error():
     model = nn.ModuleDict({"q_proj": nn.Linear(6, 4, bias=False), "k_proj": nn.Linear(6, 4, bias=False)})
     weight = model["k_proj"].weight
     weight.ds_id, weight.ds_shape, weight.ds_tensor = 7, (4, 6), torch.zeros(12)  # what ZeRO-3 attaches
-    with pytest.raises(ConfigError, match="sharded .* torch.distributed is not initialised"):
+    with pytest.raises(ConfigError, match=r"sharded .* torch.distributed is not initialised"):
         SpectralMonitor(model)
 
 
