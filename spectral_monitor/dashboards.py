@@ -146,6 +146,32 @@ def wandb_workspace(
             panel_settings=ws.SectionPanelSettings(x_axis=step_key),
         )
 
+    overview = _overview_panels(line, prefix, rules, trainer_keys)
+    heatmaps = [
+        *(wr.MediaBrowser(title=f"{m}: layer × step", media_keys=[f"{PREFIX}/heatmap/{m}"]) for m in heatmap_metrics),
+        wr.WeavePanelSummaryTable(table_name=f"{PREFIX}/layers"),
+        wr.WeavePanelSummaryTable(table_name=f"{PREFIX}/alerts"),
+    ]
+    if layers is None:
+        per_layer = [line(f"{m} by layer", [], metric_regex=layer_regex(m)) for m in layer_metrics]
+    else:
+        per_layer = [line(f"{m} by layer", [f"{PREFIX}/{m}/{layer}" for layer in layers]) for m in layer_metrics]
+    return ws.Workspace(
+        entity=entity,
+        project=project,
+        name=name,
+        settings=ws.WorkspaceSettings(x_axis=step_key),
+        sections=[
+            section("Overview", overview, open_=True, rows=3),
+            section("Heatmaps", heatmaps, open_=True, columns=2),
+            section("Per-layer", per_layer, open_=False),
+        ],
+    )
+
+
+def _overview_panels(line: Any, prefix: str, rules: Sequence[str], trainer_keys: Sequence[str]) -> list[Any]:
+    """The Overview section's line plots; ``line(title, keys)`` builds one."""
+
     def model(*names: str) -> list[str]:
         return [f"{prefix}{PREFIX}/model/{n}" for n in names]
 
@@ -153,7 +179,7 @@ def wandb_workspace(
         return [f"{prefix}{PREFIX}/probe/{n}" for n in names]
 
     # the first page (3 x 3 panels) holds the values to watch; the rest of the aggregates follow
-    overview = [
+    return [
         line("ρ₁: rank-1 energy share of ΔW", model("rho1_mean", "rho1_max")),
         line("effective and stable rank", model("erank_mean", "stable_rank_mean")),
         line("heavy-tail exponent α", model("alpha_mean", "alpha_min", "alpha_max")),
@@ -175,26 +201,6 @@ def wandb_workspace(
         line("monitor cost, seconds per measurement", [*model("measure_s"), *probe("seconds")]),
         line("monitor: share of wall time, share of layers measured", model("overhead", "coverage")),
     ]
-    heatmaps = [
-        *(wr.MediaBrowser(title=f"{m}: layer × step", media_keys=[f"{PREFIX}/heatmap/{m}"]) for m in heatmap_metrics),
-        wr.WeavePanelSummaryTable(table_name=f"{PREFIX}/layers"),
-        wr.WeavePanelSummaryTable(table_name=f"{PREFIX}/alerts"),
-    ]
-    if layers is None:
-        per_layer = [line(f"{m} by layer", [], metric_regex=layer_regex(m)) for m in layer_metrics]
-    else:
-        per_layer = [line(f"{m} by layer", [f"{PREFIX}/{m}/{layer}" for layer in layers]) for m in layer_metrics]
-    return ws.Workspace(
-        entity=entity,
-        project=project,
-        name=name,
-        settings=ws.WorkspaceSettings(x_axis=step_key),
-        sections=[
-            section("Overview", overview, open_=True, rows=3),
-            section("Heatmaps", heatmaps, open_=True, columns=2),
-            section("Per-layer", per_layer, open_=False),
-        ],
-    )
 
 
 def describe(workspace: Any) -> str:

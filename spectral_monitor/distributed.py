@@ -402,6 +402,72 @@ def _block_shapes(block: Tensor, group: dist.ProcessGroup | None) -> list[tuple[
     return [tuple(t.tolist()) for t in out]
 
 
+class _RowShardedOps:
+    """The products of a row-sharded batch ``D`` (b, rows, n), this rank's rows of ΔW, for the
+    subspace iteration: each rank computes its part, collectives combine them; a local failure
+    (recorded in ``fails`` under ``jobs``) contributes zeros so every rank still joins every collective."""
+
+    def __init__(
+        self,
+        D: Tensor,
+        fails: _Failures,
+        jobs: Sequence[int],
+        group: dist.ProcessGroup | None,
+        *,
+        n: int,
+        l: int,
+        dtype: torch.dtype,
+    ) -> None:
+        self.D, self.fails, self.jobs, self.group = D, fails, jobs, group
+        self.b, self.rows = D.shape[0], D.shape[1]
+        self.n, self.l, self.dtype, self.device = n, l, dtype, D.device
+
+    def _zeros(self, *shape: int, dtype: torch.dtype) -> Tensor:
+        return torch.zeros(self.b, *shape, dtype=dtype, device=self.device)
+
+    def apply(self, X: Tensor) -> Tensor:
+        """Local rows of ΔW X: (b, rows, k)."""
+        D = self.D
+        return self.fails.run(
+            self.jobs,
+            lambda: _mm(D, X.to(D.dtype), self.dtype),
+            lambda: self._zeros(self.rows, X.shape[-1], dtype=self.dtype),
+        )
+
+    def apply_t(self, Y: Tensor) -> Tensor:
+        """ΔWᵀ Y = Σ_ranks D_iᵀ Y_i: (b, n, k), replicated."""
+        D = self.D
+        part = self.fails.run(
+            self.jobs,
+            lambda: _mm(D.mT, Y.to(D.dtype), self.dtype),
+            lambda: self._zeros(self.n, Y.shape[-1], dtype=self.dtype),
+        )
+        return _all_reduce(part, self.group)
+
+    def gram(self, Y: Tensor) -> Tensor:
+        """YᵀY over all ranks' rows: (b, l, l) float64."""
+
+        def part() -> Tensor:
+            Y64 = Y.to(_F64)
+            return Y64.mT @ Y64
+
+        return _all_reduce(self.fails.run(self.jobs, part, lambda: self._zeros(self.l, self.l, dtype=_F64)), self.group)
+
+    def orth(self, Y: Tensor) -> tuple[Tensor, Tensor]:
+        """CholeskyQR2 of the row-sharded Y: local rows of Q = Y T1 T2, and T1 T2 (b, l, l)."""
+        run, jobs = self.fails.run, self.jobs
+
+        def zero() -> Tensor:
+            return self._zeros(self.l, self.l, dtype=_F64)
+
+        G1 = self.gram(Y)
+        T1 = run(jobs, lambda: _orth_factor(G1), zero)
+        Q1 = run(jobs, lambda: Y.to(_F64) @ T1, lambda: self._zeros(self.rows, self.l, dtype=_F64))
+        G2 = self.gram(Q1)
+        T2 = run(jobs, lambda: _orth_factor(G2), zero)
+        return run(jobs, lambda: (Q1 @ T2).to(Y.dtype), lambda: torch.zeros_like(Y)), T1 @ T2
+
+
 def _sharded_svd(
     local: Tensor,
     base: Tensor | None,
@@ -463,46 +529,14 @@ def _sharded_svd(
     )
     l = min(rank + oversample, m, n)
 
-    def apply(X: Tensor) -> Tensor:  # local rows of ΔW X: (b, rows, l)
-        return fails.run(
-            jobs,
-            lambda: _mm(D, X.to(pdt), dtype),
-            lambda: torch.zeros(b, rows, X.shape[-1], dtype=dtype, device=device),
-        )
-
-    def apply_t(Y: Tensor) -> Tensor:  # ΔWᵀ Y = Σ_i D_iᵀ Y_i: (b, n, l), replicated
-        part = fails.run(
-            jobs,
-            lambda: _mm(D.mT, Y.to(pdt), dtype),
-            lambda: torch.zeros(b, n, Y.shape[-1], dtype=dtype, device=device),
-        )
-        return _all_reduce(part, group)
-
-    def gram(Y: Tensor) -> Tensor:  # YᵀY over all rows: (b, l, l) float64
-        def part() -> Tensor:
-            Y64 = Y.to(_F64)
-            return Y64.mT @ Y64
-
-        G = fails.run(jobs, part, lambda: torch.zeros(b, l, l, dtype=_F64, device=device))
-        return _all_reduce(G, group)
-
-    def orth(Y: Tensor) -> tuple[Tensor, Tensor]:  # CholeskyQR2: Q = Y T1 T2
-        def zero() -> Tensor:
-            return torch.zeros(b, l, l, dtype=_F64, device=device)
-
-        G1 = gram(Y)
-        T1 = fails.run(jobs, lambda: _orth_factor(G1), zero)
-        Q1 = fails.run(jobs, lambda: Y.to(_F64) @ T1, lambda: torch.zeros(b, rows, l, dtype=_F64, device=device))
-        G2 = gram(Q1)
-        T2 = fails.run(jobs, lambda: _orth_factor(G2), zero)
-        return fails.run(jobs, lambda: (Q1 @ T2).to(Y.dtype), lambda: torch.zeros_like(Y)), T1 @ T2
+    ops = _RowShardedOps(D, fails, jobs, group, n=n, l=l, dtype=dtype)
 
     if dim == 1 and init is not None:
         # A warm start V (n x r0) of ΔW lives on ΔWᵀ's left side; ΔW V = (ΔWᵀ)ᵀ V is a start on its right.
         off = sum(counts[: dist.get_rank(group)])
-        init = apply_t(init[..., off : off + rows, :].to(device=device, dtype=dtype))
+        init = ops.apply_t(init[..., off : off + rows, :].to(device=device, dtype=dtype))
     U, S, V = _subspace_iteration(
-        apply, apply_t, D, rank, niter, oversample, init, generator, dtype, lp, shape=(m, n), orth=orth
+        ops.apply, ops.apply_t, D, rank, niter, oversample, init, generator, dtype, lp, shape=(m, n), orth=ops.orth
     )
     if gather:
         U = _gather_rows(U, counts, group)
