@@ -6,7 +6,8 @@ gap to the next one from the measurement's cost and the time of a training step,
 
     gap = ceil(cost / (overhead × step_time)),
 
-so the measurements' share of the wall time stays at ``overhead``. When that gap would exceed
+so the measurements' share of the wall time stays at ``overhead``; a longer gap pays back a debt
+(the first, cold measurement costs more), always keeping room for the final measurement. When that gap would exceed
 ``max_every`` steps the layers are split into round-robin groups (every group spans all depths and
 layer types) and each measurement covers one group: a layer is then measured every ``groups``
 measurements and each measurement costs about 1/groups as much. The first step seen and the
@@ -118,6 +119,11 @@ class Schedule:
         need = t.cost / (self.config.overhead * step_time)  # steps one full measurement must be spread over
         self.groups = min(MAX_GROUPS, self.n_layers, max(1, _ceil(need / self.config.max_every)))
         self.gap = max(1, min(self.config.max_every, _ceil(need / self.groups)))
+        # pay back a debt (the cold first measurement costs more), keeping room for the next
+        # measurement and the final one, which is always taken with every layer
+        reserve = t.monitor_total + t.cost / self.groups + t.cost
+        behind = _ceil((reserve / self.config.overhead - t.train_total) / step_time)
+        self.gap = max(self.gap, min(self.config.max_every, behind))
         self.next_step = step + self.gap
         self.expected = self.config.overhead * need / (self.groups * self.gap)
 

@@ -41,7 +41,8 @@ def test_a_fixed_cadence_ignores_the_budget():
 def test_the_budget_sets_the_gap_from_cost_and_step_time(step_s, cost_s):
     sched, measured, groups = simulate(MonitorConfig(), step_s=step_s, cost_s=cost_s, n_layers=36, steps=3000)
     expected_gap = -(-cost_s // (0.01 * step_s))  # ceil(cost / (overhead * step))
-    assert sched.gap == pytest.approx(expected_gap, abs=1) and sched.groups == 1
+    gaps = sorted(b - a for a, b in zip(measured[1:-2], measured[2:-1]))  # steady state
+    assert gaps[len(gaps) // 2] == pytest.approx(expected_gap, abs=1) and sched.groups == 1
     assert measured[0] == 1 and measured[-1] == 3000 and all(g is None for g in groups)
     assert sched.overhead <= 0.0105  # the budget, measured on the simulated clock
 
@@ -81,3 +82,14 @@ def test_state_round_trip():
     again = Schedule(MonitorConfig(), 4)
     again.load_state_dict(sched.state_dict())
     assert again.state_dict() == sched.state_dict()
+
+
+def test_a_short_run_keeps_the_budget_with_a_cold_first_and_the_forced_last_measurement():
+    """Steps of 0.265 s, a measurement 0.1 s (the first, cold one 0.22 s), as on the benchmark
+    model: the schedule pays back the first and keeps room for the last, in a short run and a longer one."""
+    for steps, at_least in ((200, 2), (400, 6), (2000, 45)):
+        sched, measured, _ = simulate(
+            MonitorConfig(), step_s=0.265, cost_s=0.1, n_layers=16, steps=steps, first_cost=0.22
+        )
+        assert measured[0] == 1 and measured[-1] == steps and len(measured) >= at_least
+        assert sched.overhead <= 0.0101
