@@ -11,8 +11,8 @@ checkpointed with the run. An unreliable α never counts.
 update is large by nature) and ``knowledge_loss``, which is anchored in a held-out probe measured
 against the base (it needs a probe, see :mod:`spectral_monitor.probes`). The spectral shape rules
 (:func:`spectral_rules`: ρ₁ collapse, α leaving its band, intruder dimensions, effective-rank drop)
-are opt-in: measured on controlled fine-tunes they did not detect forgetting and fired on healthy
-runs (``docs/knowledge-loss.md``); they describe the update, they do not judge the model.
+are opt-in: measured on controlled fine-tunes they did not detect forgetting (silent or late;
+``docs/knowledge-loss.md``); they describe the update, they do not judge the model.
 """
 
 from __future__ import annotations
