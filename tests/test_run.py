@@ -284,6 +284,23 @@ def test_a_zero_based_loop_measures_its_first_step_once():
     assert [r.step for r in sink.reports] == [0, 5, 10]
 
 
+def test_starting_late_says_where_the_base_was_taken(caplog):
+    """Without start(), the first measured step takes the base and says so once; with start()
+    after some steps, the first measurement says that ΔW holds only the updates since then."""
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    model = net()
+    run = MonitorRun(model, every_n_steps=5, rank=4, sinks=[MemorySink()], rules=[])
+    _step_all(run, model, range(3, 11))
+    [msg] = [r.getMessage() for r in caplog.records if "start() was not called" in r.getMessage()]
+    assert "after step 3" in msg
+    caplog.clear()
+    later = MonitorRun(net(), every_n_steps=5, rank=4, sinks=[MemorySink()], rules=[], measure_first=False)
+    later.start()
+    _step_all(later, later.monitor.model, range(5, 11))
+    [msg] = [r.getMessage() for r in caplog.records if "the first step measured is" in r.getMessage()]
+    assert "is 5" in msg
+
+
 def test_nothing_is_measured_after_finish(caplog):
     model = net()
     sink = MemorySink()
