@@ -19,12 +19,21 @@ Key schema (all values are Python floats):
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["LAYER_SCALARS", "OVERVIEW_MODEL", "OVERVIEW_STATS", "STATS", "Alert", "StepReport", "layer_sort_key"]
+__all__ = [
+    "LAYER_SCALARS",
+    "OVERVIEW_MODEL",
+    "OVERVIEW_STATS",
+    "STATS",
+    "Alert",
+    "StepReport",
+    "display_names",
+    "layer_sort_key",
+]
 
 PREFIX = "spectral"
 #: statistics of a per-layer metric over the layers
@@ -54,6 +63,19 @@ _BY_TYPE = re.compile(r"^(?P<metric>.+)_mean/(?P<type>[^/]+)$")
 def layer_sort_key(name: str) -> tuple:
     """Model order for layer names: numbers compare as numbers (``h.2`` before ``h.10``)."""
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
+
+
+def display_names(layers: Sequence[str]) -> list[str]:
+    """Layer names without the dotted prefix they all share (``transformer.h.0.attn.c_attn`` ->
+    ``0.attn.c_attn``); the full names when stripping would leave one empty or make two equal."""
+    if len(layers) < 2:
+        return list(layers)
+    parts = [name.split(".") for name in layers]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    short = [".".join(p[common:]) for p in parts]
+    return short if len(set(short)) == len(short) else list(layers)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from spectral_monitor.errors import ConfigError
-from spectral_monitor.records import StepReport
+from spectral_monitor.records import StepReport, display_names
 from spectral_monitor.sinks.jsonl import read_jsonl
 
 __all__ = [
@@ -136,19 +136,6 @@ def grid(reports: Sequence[StepReport], layers: Sequence[str], metric: str) -> n
             out[row[name], j] = values[metric]
     out[~np.isfinite(out)] = np.nan
     return out
-
-
-def display_names(layers: Sequence[str]) -> list[str]:
-    """Layer names without the dotted prefix they all share (``transformer.h.0.attn.c_attn`` ->
-    ``0.attn.c_attn``); the full names when stripping would leave one empty or make two equal."""
-    if len(layers) < 2:
-        return list(layers)
-    parts = [name.split(".") for name in layers]
-    common = 0
-    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
-        common += 1
-    short = [".".join(p[common:]) for p in parts]
-    return short if len(set(short)) == len(short) else list(layers)
 
 
 _BLOCK = re.compile(r"^(.*?\d+)\.")

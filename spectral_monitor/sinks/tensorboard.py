@@ -37,7 +37,7 @@ import torch
 
 from spectral_monitor._imports import require
 from spectral_monitor.records import LAYER_SCALARS, PREFIX, Alert, StepReport
-from spectral_monitor.sinks.heatmap import can_draw, heatmap_rgb
+from spectral_monitor.sinks.heatmap import can_draw, heatmap_rgb, heatmap_values
 
 __all__ = ["TensorBoardSink"]
 
@@ -127,14 +127,13 @@ class TensorBoardSink:
 
     def _write_heatmaps(self, report: StepReport) -> None:
         for metric, rows in self._history.items():
-            values = report.layer_values(metric)
-            if values:
-                rows.append((report.step, values))
+            if report.layers:  # a blank column where no layer has a value (e.g. no reliable α)
+                rows.append((report.step, heatmap_values(report, metric)))
         due = self.heatmap_every and (self._reports - 1) % self.heatmap_every == 0
         if not due or not hasattr(self._writer, "add_image") or not can_draw():
             return
         for metric, rows in self._history.items():
-            if rows:
+            if any(values for _, values in rows):
                 image = heatmap_rgb(metric, rows)
                 self._writer.add_image(f"{PREFIX}/heatmap/{metric}", image, report.step, dataformats="HWC")
 

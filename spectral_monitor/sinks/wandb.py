@@ -40,7 +40,7 @@ from typing import Any
 from spectral_monitor._imports import require
 from spectral_monitor.errors import ConfigError
 from spectral_monitor.records import PREFIX, Alert, StepReport, layer_sort_key
-from spectral_monitor.sinks.heatmap import can_draw, heatmap_rgb
+from spectral_monitor.sinks.heatmap import can_draw, heatmap_rgb, heatmap_values
 
 __all__ = ["WandbSink"]
 
@@ -156,9 +156,8 @@ class WandbSink:
 
     def _record_heatmaps(self, report: StepReport) -> None:
         for metric, rows in self._history.items():
-            values = report.layer_values(metric)
-            if values:
-                rows.append((report.step, values))
+            if report.layers:  # a blank column where no layer has a value (e.g. no reliable α)
+                rows.append((report.step, heatmap_values(report, metric)))
 
     def _tables(self, report: StepReport) -> dict[str, Any]:
         """The per-layer table of this report and the heatmap images so far."""
@@ -169,7 +168,7 @@ class WandbSink:
             out[f"{PREFIX}/layers"] = self._wandb.Table(columns=["layer", *metrics], data=data)
         if self._history and can_draw():
             for metric, rows in self._history.items():
-                if rows:
+                if any(values for _, values in rows):
                     out[f"{PREFIX}/heatmap/{metric}"] = self._wandb.Image(heatmap_rgb(metric, rows))
         return out
 

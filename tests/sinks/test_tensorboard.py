@@ -48,7 +48,10 @@ def make_report(i: int, step: int) -> StepReport:
         "spectral/model/measure_s": 0.25,
     }
     spectra = {layer: torch.linspace(step, 1.0, 6) / (j + 1) for j, layer in enumerate(LAYERS)}
-    return StepReport.from_flat(step, values, spectra=spectra, alerts=[ALERT] if i == 2 else [])
+    report = StepReport.from_flat(step, values, spectra=spectra, alerts=[ALERT] if i == 2 else [])
+    for layer in LAYERS:  # every α fit reliable, so the α heatmap is drawn
+        report.layers[layer]["alpha_reliable"] = 1.0
+    return report
 
 
 REPORTS = [make_report(i, s) for i, s in enumerate(STEPS)]
@@ -69,11 +72,12 @@ def logdir(tmp_path_factory):
 
 def _written(report: StepReport) -> dict[str, float]:
     """What a sink with the overview and per-layer scalars writes: every key of the report but the
-    per-layer bookkeeping (update_norm) and the per-type means."""
+    per-layer bookkeeping (update_norm, alpha_reliable) and the per-type means."""
     return {
         k: v
         for k, v in report.metrics.items()
-        if not k.startswith("spectral/update_norm/") and k != "spectral/model/rho1_mean/attn"
+        if not k.startswith(("spectral/update_norm/", "spectral/alpha_reliable/"))
+        and k != "spectral/model/rho1_mean/attn"
     }
 
 

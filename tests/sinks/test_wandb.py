@@ -45,7 +45,10 @@ def make_report(i: int, step: int) -> StepReport:
         "spectral/model/alpha_max": 3.3 + i,
         "spectral/model/measure_s": 0.123,
     }
-    return StepReport.from_flat(step, values, alerts=[ALERT] if i == 2 else [])
+    report = StepReport.from_flat(step, values, alerts=[ALERT] if i == 2 else [])
+    for layer in LAYERS:  # every α fit reliable, so the α heatmap is drawn
+        report.layers[layer]["alpha_reliable"] = 1.0
+    return report
 
 
 REPORTS = [make_report(i, s) for i, s in enumerate(STEPS)]
@@ -79,8 +82,9 @@ def spectral_rows(rows: list[dict], step_key: str) -> dict[int, dict]:
 
 def _written(report: StepReport) -> dict[str, float]:
     """What a sink with the overview and per-layer scalars logs: every key of the report but the
-    per-layer bookkeeping (update_norm)."""
-    return {k: v for k, v in report.metrics.items() if not k.startswith("spectral/update_norm/")}
+    per-layer bookkeeping (update_norm, alpha_reliable)."""
+    skip = ("spectral/update_norm/", "spectral/alpha_reliable/")
+    return {k: v for k, v in report.metrics.items() if not k.startswith(skip)}
 
 
 def test_owned_run_logs_every_value_at_its_step(wandb_dir):
