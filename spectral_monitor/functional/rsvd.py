@@ -44,7 +44,7 @@ the input's device. For low-precision inputs the upcast copy of :math:`A` is nee
 products); float32 inputs are never copied and :math:`A - A_0` is never formed.
 
 **Mixed precision** (``sketch_dtype=torch.bfloat16``). Only the products with :math:`A` run in
-bf16 (AMX / AVX512-BF16 on CPUs that have them, tensor cores on CUDA: 4-8x the float32 rate, half
+bf16 (AMX / AVX512-BF16 on CPUs that have them, tensor cores on CUDA: 2-8x the float32 rate, half
 the memory traffic); every QR, the Gram eigendecomposition and the Ritz step stay in float32/64.
 Rounding :math:`A` to bf16 (relative :math:`2^{-9}` per entry) is a perturbation :math:`E` whose
 effect on a singular value is first order only through :math:`u_i^\top E v_i`, an average of
