@@ -160,9 +160,19 @@ class TensorBoardSink:
         )
         merged = {category: {**self._layout.get(category, {}), **charts} for category, charts in layout.items()}
         merged = {**self._layout, **merged}
+        merged = {category: dict(sorted(charts.items(), key=_chart_order)) for category, charts in merged.items()}
         if merged != self._layout and hasattr(self._writer, "add_custom_scalars"):
             self._writer.add_custom_scalars(merged)
             self._layout = merged
+
+
+#: the custom-scalars charts a person looks at first, in this order; the rest follow by name
+_FIRST = ("rho1", "erank", "alpha", "probe", "update_rel", "stable_rank", "intruders", "align_prev", "align_base")
+
+
+def _chart_order(item: tuple[str, Any]) -> tuple[int, str]:
+    name = item[0]
+    return (_FIRST.index(name) if name in _FIRST else len(_FIRST), name)
 
 
 def _custom_scalars_layout(

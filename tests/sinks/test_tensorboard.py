@@ -118,7 +118,8 @@ def test_custom_scalars_layout_groups_layers_per_metric(logdir):
     # the newest layout includes erank, which only the third report had
     assert set(layout) == {"spectral overview", "spectral layers"}
     assert layout["spectral layers"] == {m: [f"^spectral/{m}/.*"] for m in ["rho1", "erank", "alpha"]}
-    assert set(layout["spectral overview"]) == {"alpha", "rho1"}
+    assert list(layout["spectral layers"]) == ["rho1", "erank", "alpha"]  # the charts to look at first, first
+    assert list(layout["spectral overview"]) == ["rho1", "alpha"]
     # every per-layer and aggregate tag lands in its metric's chart and no other
     charts = {(cat, title): regexes for cat, c in layout.items() for title, regexes in c.items()}
     for tag in read_tensorboard_scalars(logdir):
