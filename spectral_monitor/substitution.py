@@ -9,7 +9,8 @@ with :math:`c = 1` (plain truncation, the default) or, with ``rescale=True``, Al
 :math:`c = \lVert\Delta W\rVert_F / \lVert\Delta W_k\rVert_F` (the top-k part stretched to the full
 update's norm; Cai et al., arXiv 2510.00553, ``eval/upd_rank.py``). Rank 0 gives :math:`W_0`
 (exactly: the base is copied in); a rank at or above the update's rank gives :math:`W_t` back
-(to float32 round-off). DESIGN.md §2, "Periodic rank-1 substitution".
+(to float32 round-off). :class:`PeriodicSubstitution` repeats it every K steps during training
+(docs/substitution.md).
 
 Two modes:
 
