@@ -552,9 +552,9 @@ def test_save_with_an_unreachable_server_says_so(tmp_path):
     """A login but no server (what a machine without network sees): W&B's verification fails."""
     proc = run_cli(tmp_path, offline_env(tmp_path, WANDB_API_KEY="0" * 40, WANDB_HTTP_TIMEOUT="2"))
     assert proc.returncode == 1, proc.stderr
-    assert "could not save the workspace" in proc.stderr
-    assert "http://127.0.0.1:9" in proc.stderr  # the server it tried
-    assert "network connection" in proc.stderr
+    assert "could not save the workspace" in proc.stderr, proc.stderr
+    assert "http://127.0.0.1:9" in proc.stderr, proc.stderr  # the server it tried
+    assert "network connection" in proc.stderr, proc.stderr
 
 
 def test_save_workspace_raises_dashboard_error(tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from spectral_monitor.config import MonitorConfig
@@ -41,7 +43,7 @@ def test_a_fixed_cadence_ignores_the_budget():
 def test_the_budget_sets_the_gap_from_cost_and_step_time(step_s, cost_s):
     sched, measured, groups = simulate(MonitorConfig(), step_s=step_s, cost_s=cost_s, n_layers=36, steps=3000)
     expected_gap = -(-cost_s // (0.01 * step_s))  # ceil(cost / (overhead * step))
-    gaps = sorted(b - a for a, b in zip(measured[1:-2], measured[2:-1]))  # steady state
+    gaps = sorted(b - a for a, b in itertools.pairwise(measured[1:-1]))  # steady state
     assert gaps[len(gaps) // 2] == pytest.approx(expected_gap, abs=1) and sched.groups == 1
     assert measured[0] == 1 and measured[-1] == 3000 and all(g is None for g in groups)
     assert sched.overhead <= 0.0105  # the budget, measured on the simulated clock

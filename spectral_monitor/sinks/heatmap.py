@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from spectral_monitor._imports import is_available
@@ -27,11 +28,11 @@ def can_draw() -> bool:
 
 
 def heatmap_values(report: StepReport, metric: str) -> dict[str, float]:
-    """One heatmap column: ``{layer: value}`` of ``metric`` in ``report``; for ``alpha`` only the
-    reliable fits (an unreliable α is a number without meaning, so it is left blank)."""
+    """One heatmap column: ``{layer: value}`` of ``metric`` in ``report``; for ``alpha`` NaN (a
+    blank cell) where the fit is not reliable: an unreliable α is a number without meaning."""
     values = report.layer_values(metric)
     if metric == "alpha":
-        values = {k: v for k, v in values.items() if report.layers[k].get("alpha_reliable") == 1.0}
+        values = {k: v if report.layers[k].get("alpha_reliable") == 1.0 else math.nan for k, v in values.items()}
     return values
 
 

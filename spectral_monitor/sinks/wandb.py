@@ -34,6 +34,7 @@ to be plotted against ``step_key``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -189,7 +190,10 @@ class WandbSink:
         out = {}
         for metric, rows in self._history.items():
             data = [
-                [step, layer, values[layer]] for step, values in rows for layer in sorted(values, key=layer_sort_key)
+                [step, layer, values[layer]]
+                for step, values in rows
+                for layer in sorted(values, key=layer_sort_key)
+                if math.isfinite(values[layer])
             ]
             if data:
                 out[f"{PREFIX}/heatmap_table/{metric}"] = self._wandb.Table(
