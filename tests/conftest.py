@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,3 +18,27 @@ try:  # property tests draw the same examples on every run (a CI failure is repr
     settings.load_profile("spectral_monitor")
 except ImportError:
     pass
+
+
+@pytest.fixture
+def wandb_dir(tmp_path, monkeypatch):
+    """Offline, silent W&B writing under ``tmp_path/wandb_home``; finishes any run a failing test left.
+
+    W&B reads its settings (``WANDB_DIR`` among them) once per process, so the fixture calls
+    ``wandb.teardown()`` before and after the test to make every test see its own directory.
+    """
+    wandb = pytest.importorskip("wandb")
+    home = tmp_path / "wandb_home"
+    home.mkdir()
+    for name, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(home),
+        "WANDB_SILENT": "true",
+        "WANDB_CONSOLE": "off",
+    }.items():
+        monkeypatch.setenv(name, value)
+    wandb.teardown()
+    yield home
+    if wandb.run is not None:
+        wandb.run.finish()
+    wandb.teardown()

@@ -284,22 +284,6 @@ def test_missing_package_names_the_extra(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- against real W&B runs
-@pytest.fixture
-def wandb_dir(tmp_path, monkeypatch):
-    """Offline, silent W&B writing under ``tmp_path`` (W&B reads its settings once: teardown around)."""
-    wandb = pytest.importorskip("wandb")
-    for name, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_DIR": str(tmp_path),
-        "WANDB_SILENT": "true",
-        "WANDB_CONSOLE": "off",
-    }.items():
-        monkeypatch.setenv(name, value)
-    wandb.teardown()
-    yield tmp_path
-    if wandb.run is not None:
-        wandb.run.finish()
-    wandb.teardown()
 
 
 def logged_keys(rows: list[dict]) -> set[str]:

@@ -113,13 +113,11 @@ class PlantRank1(transformers.TrainerCallback):
 
 
 @pytest.mark.slow
-def test_metrics_reach_every_backend_at_the_measurement_steps(tmp_path, monkeypatch, tiny_gpt2):
+def test_metrics_reach_every_backend_at_the_measurement_steps(tmp_path, monkeypatch, tiny_gpt2, wandb_dir):
     wandb = pytest.importorskip("wandb")
     pytest.importorskip("tensorboard")
     from tests.readers import read_tensorboard_scalars, read_wandb_history
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_PROJECT", "spectral-monitor-tests")
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
     out = tmp_path / "out"
@@ -140,7 +138,7 @@ def test_metrics_reach_every_backend_at_the_measurement_steps(tmp_path, monkeypa
     assert not any(tag.startswith("spectral/model/") for tag in tb)
     assert "train/spectral/model/rho1_median" not in tb
 
-    rows = read_wandb_history(tmp_path)
+    rows = read_wandb_history(wandb_dir)
     assert [r["train/global_step"] for r in rows if "train/spectral/model/rho1_mean" in r] == expected
     assert [r["train/global_step"] for r in rows if f"spectral/rho1/{LAYER}" in r] == expected
     assert [r["train/global_step"] for r in rows if "train/loss" in r] == [3, 6]

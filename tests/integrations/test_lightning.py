@@ -100,29 +100,13 @@ def jsonl(root: Path):
     return read_jsonl(root / "spectral_monitor" / "metrics.jsonl")
 
 
-@pytest.fixture
-def wandb_offline(tmp_path, monkeypatch):
-    """Offline, silent W&B under ``tmp_path/wandb_home``; W&B reads its settings once, hence the teardowns."""
-    wandb = pytest.importorskip("wandb")
-    home = tmp_path / "wandb_home"
-    home.mkdir()
-    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(home), "WANDB_SILENT": "true",
-                        "WANDB_CONSOLE": "off"}.items():  # fmt: skip
-        monkeypatch.setenv(name, value)
-    wandb.teardown()
-    yield home
-    if wandb.run is not None:
-        wandb.run.finish()
-    wandb.teardown()
-
-
 # ----------------------------------------------------------------------------- 1. loggers
-def test_metrics_reach_tensorboard_wandb_and_jsonl_at_measurement_steps(tmp_path, wandb_offline):
+def test_metrics_reach_tensorboard_wandb_and_jsonl_at_measurement_steps(tmp_path, wandb_dir):
     pytest.importorskip("tensorboard")
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     tb = TensorBoardLogger(tmp_path / "tb", name="run")
-    wb = WandbLogger(project="sm-test", save_dir=str(wandb_offline), offline=True)
+    wb = WandbLogger(project="sm-test", save_dir=str(wandb_dir), offline=True)
     cb = SpectralMonitorCallback(every_n_steps=4, rank=4, exclude=EXCLUDE, rules=[], log_layers=True)
     # log_every_n_steps=50 > max_steps: Lightning's throttle must not hold the spectra back
     t = trainer(tmp_path, callbacks=[cb], logger=[tb, wb], max_steps=11, log_every_n_steps=50)
@@ -146,7 +130,7 @@ def test_metrics_reach_tensorboard_wandb_and_jsonl_at_measurement_steps(tmp_path
     # aggregates reach TensorBoard once (through the logger), per-layer series once (through the sink)
     assert not any(t.startswith("spectral/context/") for t in scalars)
 
-    rows = read_wandb_history(wandb_offline)
+    rows = read_wandb_history(wandb_dir)
     for key in ["spectral/model/rho1_mean", *(f"spectral/rho1/{n}" for n in LAYERS)]:
         steps = [r["trainer/global_step"] for r in rows if key in r]
         assert steps == expected, key

@@ -54,27 +54,6 @@ def make_report(i: int, step: int) -> StepReport:
 REPORTS = [make_report(i, s) for i, s in enumerate(STEPS)]
 
 
-@pytest.fixture
-def wandb_dir(tmp_path, monkeypatch):
-    """Offline, silent W&B writing under ``tmp_path``; finishes any run a failing test left.
-
-    W&B reads ``WANDB_DIR`` once per process (its settings singleton), so the fixture calls
-    ``wandb.teardown()`` before and after the test to make every test see its own directory.
-    """
-    for name, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_DIR": str(tmp_path),
-        "WANDB_SILENT": "true",
-        "WANDB_CONSOLE": "off",
-    }.items():
-        monkeypatch.setenv(name, value)
-    wandb.teardown()
-    yield tmp_path
-    if wandb.run is not None:
-        wandb.run.finish()
-    wandb.teardown()
-
-
 def spectral_rows(rows: list[dict], step_key: str) -> dict[int, dict]:
     """``{step: row}`` of the history rows that carry spectral scalars."""
     return {row[step_key]: row for row in rows if "spectral/model/rho1_mean" in row}
