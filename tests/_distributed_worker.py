@@ -4,6 +4,7 @@ what the test checks (the distributed results and the oracle's full weights) to 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -324,7 +325,9 @@ def _two_dim_mesh(W0: torch.Tensor, D: torch.Tensor) -> dict:
     return summary(smd.distributed_update_svd([layer], base, 6, gather_max_numel=0))["w"]
 
 
-def scenario_zero3() -> dict:
+def _zero3_model() -> tuple[nn.Module, list, dict, Callable[[], dict]]:
+    """The test model partitioned by DeepSpeed ZeRO-3 on this process group: ``(net, layers, config,
+    full)``, where ``full()`` gathers every layer's whole weight."""
     import deepspeed
 
     rank = str(dist.get_rank())
@@ -340,14 +343,20 @@ def scenario_zero3() -> dict:
     with deepspeed.zero.Init(config_dict_or_path=cfg):
         net = model()
     layers = layers_of(net)
-    kinds = {layer.name: smd.shard_kind(layer.param) for layer in layers}
-    base = smd.ShardedBase.snapshot(layers)
 
     def full() -> dict:
-        params = [layer.param for layer in layers]
-        with deepspeed.zero.GatheredParameters(params):
+        with deepspeed.zero.GatheredParameters([layer.param for layer in layers]):
             return {layer.name: layer.param.detach().clone() for layer in layers}
 
+    return net, layers, cfg, full
+
+
+def scenario_zero3() -> dict:
+    import deepspeed
+
+    net, layers, cfg, full = _zero3_model()
+    kinds = {layer.name: smd.shard_kind(layer.param) for layer in layers}
+    base = smd.ShardedBase.snapshot(layers)
     w0 = full()
     engine, *_ = deepspeed.initialize(model=net, config=cfg, model_parameters=net.parameters())
     gen = torch.Generator().manual_seed(1 + dist.get_rank())
@@ -470,24 +479,7 @@ def scenario_monitor_zero3() -> dict:
 
     from spectral_monitor import MonitorRun
 
-    rank = str(dist.get_rank())
-    os.environ.update(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=str(dist.get_world_size()))
-    deepspeed.init_distributed(dist_backend="gloo")
-    cfg = {
-        "train_batch_size": 4 * dist.get_world_size(),
-        "train_micro_batch_size_per_gpu": 4,
-        "zero_optimization": {"stage": 3},
-        "zero_allow_untested_optimizer": True,
-        "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
-    }
-    with deepspeed.zero.Init(config_dict_or_path=cfg):
-        net = model()
-    layers = layers_of(net)
-
-    def full() -> dict:
-        with deepspeed.zero.GatheredParameters([layer.param for layer in layers]):
-            return {layer.name: layer.param.detach().clone() for layer in layers}
-
+    net, _, cfg, full = _zero3_model()
     run = MonitorRun(net, every_n_steps=1, rank=32, niter=4, rules=[])
     run.start()
     weights = {0: full()}

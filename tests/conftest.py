@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -42,3 +43,13 @@ def wandb_dir(tmp_path, monkeypatch):
     if wandb.run is not None:
         wandb.run.finish()
     wandb.teardown()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: tiny models on a shared 2-core machine, where two threads
+    mostly contend (and one thread gives bit-identical losses between runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -51,19 +51,12 @@ from spectral_monitor.integrations.hf import SpectralMonitorCallback  # noqa: E4
 from tests.integrations.conftest import build_tiny_gpt2  # noqa: E402
 from tests.integrations.test_hf import AdditionLM, Crash, hand_update_norms, jsonl, make_args  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 LOGGER = "spectral_monitor"
 ROOT = Path(__file__).resolve().parents[1]
 NAN_LAYER = "transformer.h.0.mlp.c_fc"  # its same-shape twin, h.1.mlp.c_fc, shares its batch
 TWIN = "transformer.h.1.mlp.c_fc"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: tiny models on a shared 2-core machine (and bit-identical losses)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rules() -> list:

@@ -20,16 +20,9 @@ from spectral_monitor.layers import select_layers  # noqa: E402
 from spectral_monitor.sinks.jsonl import read_jsonl  # noqa: E402
 from tests.integrations.conftest import addition_texts, build_char_tokenizer, probe_pairs, run_recipe  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 LAYER = "transformer.h.0.attn.c_attn"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these models are tiny, and on a shared 2-core box two threads mostly contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class AdditionLM(torch.utils.data.Dataset):

@@ -24,7 +24,10 @@ from spectral_monitor.sinks.jsonl import read_jsonl  # noqa: E402
 from tests.integrations.conftest import addition_texts, probe_pairs, run_recipe  # noqa: E402
 
 # TRL 1.16 itself still calls transformers' deprecated ``is_gradient_checkpointing``
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 COMMON = {
     "use_cpu": True,
@@ -37,15 +40,6 @@ COMMON = {
     "lr_scheduler_type": "constant",
     "dataloader_num_workers": 0,
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these models are tiny, and on a shared 2-core box two threads mostly contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def addition_rows(n: int = 64, seed: int = 0) -> list[tuple[int, int]]:
