@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from spectral_monitor.errors import CheckpointError, ConfigError
-from spectral_monitor.layers import DEFAULT_EXCLUDE, layer_depth, layer_type
+from spectral_monitor.layers import exclusions, is_selected, layer_depth, layer_type, select_names
 from spectral_monitor.snapshot import strip_wrappers
 
 __all__ = [
@@ -351,7 +351,7 @@ def plan_updates(
     def to_base(norm_tuned: str) -> str:  # tuned name in BASE's (normalized) namespace
         return pb + norm_tuned[len(pt) :] if norm_tuned.startswith(pt) else norm_tuned
 
-    selected = _select(list(base_modules), layers, filters)
+    selected = _select(list(base_modules), layers, exclude)
     if isinstance(tuned, AdapterCheckpoint):
         pairs, skipped = _plan_adapter(base, tuned, base_modules, selected, filters, to_base)
     else:
@@ -582,45 +582,24 @@ def _linear_weights(ckpt: Checkpoint) -> list[str]:
 
 
 def _filters(layers: str | Sequence[str], exclude: Sequence[str]) -> list[re.Pattern]:
-    patterns = list(exclude) + (list(DEFAULT_EXCLUDE) if layers == "all-linear" else [])
     try:
-        return [re.compile(p) for p in patterns]
+        return exclusions(layers, exclude)
     except re.error as exc:
         raise ConfigError(f"exclude pattern is not a valid regex: {exc}") from exc
 
 
-def _select(modules: list[str], layers: str | Sequence[str], filters: list[re.Pattern]) -> list[str]:
-    if layers == "all-linear":
-        chosen = modules
-    elif isinstance(layers, str):
+def _select(modules: list[str], layers: str | Sequence[str], exclude: Sequence[str]) -> list[str]:
+    if isinstance(layers, str) and layers != "all-linear":
         if not layers.startswith("re:"):
             raise ConfigError(f"layers={layers!r}: expected 'all-linear', 're:<regex>' or a list of module names")
         try:
-            pattern = re.compile(layers[3:])
+            re.compile(layers[3:])
         except re.error as exc:
             raise ConfigError(f"layers={layers!r} is not a valid regex: {exc}") from exc
-        chosen = [m for m in modules if pattern.search(m)]
-    else:
-        missing = [n for n in layers if n not in modules]
-        if missing:
-            close = [c for n in missing for c in difflib.get_close_matches(n, modules, n=3, cutoff=0.6)]
-            raise ConfigError(
-                f"layers {missing} are not linear weights of BASE; close matches: {close or 'none'}; "
-                f"known ({len(modules)}): {modules[:8]}..."
-            )
-        chosen = list(layers)
-    return [m for m in chosen if not any(p.search(m) for p in filters)]
-
-
-def _wanted(module: str, layers: str | Sequence[str], filters: list[re.Pattern]) -> bool:
-    """Whether ``module`` (BASE namespace) would be selected by ``layers``/``exclude`` if BASE had it."""
-    if any(p.search(module) for p in filters):
-        return False
-    if layers == "all-linear":
-        return True
-    if isinstance(layers, str):
-        return re.search(layers[3:], module) is not None
-    return module in layers
+    try:
+        return select_names(modules, layers, exclude, where="BASE")
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
 
 
 def _prefixes(names: set[str]) -> set[str]:
@@ -699,7 +678,7 @@ def _plan_dense(
     # A monitored weight that only TUNED has: BASE lacks it (another architecture or a cut checkpoint).
     for key in _linear_weights(tuned):
         module = to_base(_norm(key))[: -len(".weight")]
-        if module not in base_modules and _wanted(module, layers, filters):
+        if module not in base_modules and is_selected(module, layers, filters):
             raise CheckpointError(
                 f"tensor {key!r} of {tuned.files[0] if len(tuned.files) == 1 else tuned.path} is missing in BASE "
                 f"{base.path} (looked for {module + '.weight'!r}; name prefixes removed: BASE {pb!r}, TUNED {pt!r})"

@@ -16,7 +16,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LayerSpec", "LoraAdapter", "layer_depth", "layer_type", "select_layers"]
+__all__ = [
+    "LayerSpec",
+    "LoraAdapter",
+    "exclusions",
+    "is_selected",
+    "layer_depth",
+    "layer_type",
+    "select_layers",
+    "select_names",
+]
 
 # Never monitored by "all-linear": embeddings, output and classifier heads (any module named
 # ``head`` or ``<something>_head``), poolers.
@@ -199,20 +208,39 @@ def select_layers(
             inside_lora.append(name)
         specs.append(spec)
 
-    excludes = [re.compile(p) for p in exclude]
+    by_name = {s.name: s for s in specs}
+    return [by_name[n] for n in select_names(list(by_name), layers, exclude, where="the model")]
+
+
+def exclusions(layers: str | Sequence[str], exclude: Sequence[str]) -> list[re.Pattern]:
+    """The ``exclude`` regexes compiled, plus the default exclusions when ``layers`` is ``"all-linear"``."""
+    return [re.compile(p) for p in (*exclude, *(DEFAULT_EXCLUDE if layers == "all-linear" else ()))]
+
+
+def is_selected(name: str, layers: str | Sequence[str], excludes: Sequence[re.Pattern]) -> bool:
+    """Whether ``layers`` selects ``name`` and none of ``excludes`` (see :func:`exclusions`) removes it."""
+    if any(p.search(name) for p in excludes):
+        return False
     if layers == "all-linear":
-        excludes += [re.compile(p) for p in DEFAULT_EXCLUDE]
-    elif isinstance(layers, str):
-        pattern = re.compile(layers[3:])
-        specs = [s for s in specs if pattern.search(s.name)]
-    else:
-        by_name = {s.name: s for s in specs}
-        missing = [n for n in layers if n not in by_name]
+        return True
+    if isinstance(layers, str):
+        return re.search(layers[3:], name) is not None
+    return name in layers
+
+
+def select_names(names: Sequence[str], layers: str | Sequence[str], exclude: Sequence[str], *, where: str) -> list[str]:
+    """The names ``layers``/``exclude`` select (see :func:`select_layers`): in ``names`` order, or
+    in the order of an explicit list. An explicit name not in ``names`` raises ``KeyError`` naming
+    ``where`` and the close candidates."""
+    if not isinstance(layers, str):
+        known = set(names)
+        missing = [n for n in layers if n not in known]
         if missing:
-            close = [c for n in missing for c in difflib.get_close_matches(n, by_name, n=3, cutoff=0.6)]
+            close = [c for n in missing for c in difflib.get_close_matches(n, names, n=3, cutoff=0.6)]
             raise KeyError(
-                f"layers {missing} are not linear layers of the model; "
-                f"close matches: {close or 'none'}; known ({len(by_name)}): {sorted(by_name)[:8]}..."
+                f"layers {missing} are not linear layers of {where}; "
+                f"close matches: {close or 'none'}; known ({len(names)}): {sorted(names)[:8]}..."
             )
-        specs = [by_name[n] for n in layers]
-    return [s for s in specs if not any(p.search(s.name) for p in excludes)]
+        names = layers
+    excludes = exclusions(layers, exclude)
+    return [n for n in names if is_selected(n, layers, excludes)]
